@@ -1,0 +1,258 @@
+"""YAML configs with `_base_` includes, typed dotted overrides and errors that name the key at fault.
+
+The library's `DEFAULTS` are the schema of the keys every recipe understands. A root YAML file (one
+without `_base_`) may add new sections and keys (the model, data and task sections of a recipe);
+a file with a `_base_`, and every command-line override, may only set keys that already exist,
+so a typo is an error that suggests the nearest valid keys instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BASE_KEY = "_base_"
+
+DEFAULTS: dict[str, Any] = {
+    "output_dir": "output/run",
+    "seed": 42,
+    # "no" | "fp16" | "bf16", passed to accelerate.Accelerator.
+    "mixed_precision": "no",
+    "train": {
+        "max_steps": 1000,
+        "batch_size": 32,  # per process
+        "grad_accum": 1,
+        "num_workers": 0,
+        "drop_last": True,
+        "log_every": 20,
+        # X-modaler clips gradients by value 0.1; "norm" clips the global L2 norm; "none" does not clip.
+        "clip_grad": {"mode": "none", "max": 0.1},
+        # Scale optim.lr linearly by (world_size * grad_accum) / reference_workers, as detectron2's
+        # auto_scale_workers does for the reference world size a config was tuned for.
+        "auto_scale_workers": False,
+        "reference_workers": 1,
+        "timer_warmup": 5,
+    },
+    "optim": {
+        "name": "adam",
+        "lr": 1e-4,
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "momentum": 0.9,
+    },
+    "lr_scheduler": {
+        # "constant" | "noam" | "warmup_linear" | "warmup_cosine" | "step"
+        "name": "constant",
+        "warmup_steps": 0,
+        "model_size": 512,  # noam
+        "factor": 1.0,  # noam
+        "step_size": 1000,  # step
+        "gamma": 0.1,  # step
+        "min_lr_ratio": 0.0,  # cosine / linear floor
+    },
+    "eval": {"batch_size": 64, "every": 0, "start": 0},
+    "checkpoint": {"every": 0, "keep": 3, "prefix": "step"},
+    "model": {"weights": ""},
+    "logging": {
+        "tensorboard": False,
+        "wandb": {"project": "", "mode": "offline", "entity": "", "name": ""},
+    },
+}
+
+
+# Sections of DEFAULTS that a root config file may extend with keys of its own.
+OPEN_SECTIONS = frozenset({"model"})
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file or key at fault."""
+
+
+class Config(dict):
+    """A nested dict with attribute access (`cfg.train.max_steps`)."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None):
+        super().__init__()
+        for key, value in (data or {}).items():
+            self[key] = Config(value) if isinstance(value, Mapping) else value
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(_unknown_key_message(name, self.keys())) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = Config(value) if isinstance(value, Mapping) else value
+
+    def __deepcopy__(self, memo: dict) -> Config:
+        return Config(copy.deepcopy(self.to_dict(), memo))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts (what yaml.safe_dump and trackers accept)."""
+        return {
+            k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()
+        }
+
+    def get_path(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+
+def load_config(
+    path: str | os.PathLike,
+    overrides: Iterable[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load `path` (with its `_base_` chain) over `defaults`, then apply `key=value` overrides."""
+    defaults = DEFAULTS if defaults is None else defaults
+    merged = copy.deepcopy(dict(defaults))
+    _merge(merged, _load_file_chain(Path(path), (), defaults), str(path), strict=False, prefix="")
+    cfg = Config(merged)
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _load_file_chain(path: Path, stack: tuple[Path, ...], defaults: Mapping) -> dict[str, Any]:
+    """The file's settings with its `_base_` chain folded in (later bases win), validated.
+
+    A file with bases may only set keys that its bases or the defaults define.
+    """
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError(f"cycle in {BASE_KEY} includes: {chain}")
+    data = _read_yaml(path)
+    bases = data.pop(BASE_KEY, None)
+    if bases is None:
+        _merge(copy.deepcopy(dict(defaults)), data, str(path), strict=False, prefix="")
+        return data
+    settings: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_path = (path.parent / base).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: {BASE_KEY} file not found: {base_path}")
+        _deep_update(settings, _load_file_chain(base_path, (*stack, path), defaults))
+    schema = copy.deepcopy(dict(defaults))
+    _merge(schema, settings, str(path), strict=False, prefix="")
+    _merge(schema, data, str(path), strict=True, prefix="")
+    _deep_update(settings, data)
+    return settings
+
+
+def _deep_update(dst: dict, src: Mapping) -> None:
+    for key, value in src.items():
+        if isinstance(dst.get(key), dict) and isinstance(value, Mapping):
+            _deep_update(dst[key], value)
+        else:
+            dst[key] = copy.deepcopy(value)
+
+
+def _merge(dst: dict, src: Mapping, source: str, strict: bool, prefix: str) -> None:
+    """Merge `src` into `dst`, type-checking values against existing ones.
+
+    `strict` forbids new keys (files with a `_base_`). A root file may add new top-level sections
+    and keys inside `OPEN_SECTIONS`, but not near-misses of existing keys (`trian` for `train`),
+    which are almost always typos.
+    """
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        if key not in dst:
+            near = difflib.get_close_matches(key, list(dst), n=3, cutoff=0.75)
+            if strict or near:
+                raise ConfigError(f"{source}: {_unknown_key_message(dotted, dst.keys(), prefix)}")
+            dst[key] = copy.deepcopy(value)
+        elif isinstance(dst[key], dict) and isinstance(value, Mapping):
+            child_strict = strict or (bool(dst[key]) and dotted not in OPEN_SECTIONS)
+            _merge(dst[key], value, source, child_strict, f"{dotted}.")
+        else:
+            dst[key] = _check_type(dotted, dst[key], value, source)
+
+
+def _check_type(dotted: str, current: Any, value: Any, source: str) -> Any:
+    """Return `value` as the type of `current`, or raise naming key, expected and got."""
+    if current is None or value is None:
+        return value
+    expected = type(current)
+    if isinstance(current, bool) or isinstance(value, bool):
+        ok = isinstance(current, bool) and isinstance(value, bool)
+    elif isinstance(current, float) and isinstance(value, int):
+        return float(value)
+    elif isinstance(current, dict):
+        ok = isinstance(value, Mapping)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise ConfigError(
+            f"{source}: config key '{dotted}': expected {expected.__name__}, "
+            f"got {type(value).__name__} ({value!r})"
+        )
+    return copy.deepcopy(value)
+
+
+def _unknown_key_message(dotted: str, valid: Iterable[str], prefix: str = "") -> str:
+    valid = list(valid)
+    leaf = dotted.rsplit(".", 1)[-1]
+    near = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(prefix + n) for n in near)}?" if near else ""
+    return f"unknown config key '{dotted}'{hint} (valid keys here: {', '.join(sorted(valid))})"
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> None:
+    """Apply `a.b=value` overrides in place; each value is parsed as YAML, typed by the old value."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.split(".")
+        node: Any = cfg
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                here = node.keys() if isinstance(node, dict) else []
+                prefix = ".".join(parts[:i]) + "." if i else ""
+                raise ConfigError(f"override: {_unknown_key_message(dotted, here, prefix)}")
+            if i < len(parts) - 1:
+                node = node[part]
+        current = node[parts[-1]]
+        value = raw if isinstance(current, str) else _parse_value(raw)
+        checked = _check_type(dotted, current, value, "override")
+        node[parts[-1]] = Config(checked) if isinstance(checked, Mapping) else checked
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config (no `_base_`), loadable again with `load_config`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)

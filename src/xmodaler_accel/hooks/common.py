@@ -1,0 +1,198 @@
+"""The seed's everyday hooks as small classes with `attach(engine)`.
+
+Each reads the Engine's counters and host-side values only; none moves a tensor to the host except
+the writer (through `engine.collect_metrics`, the engine's one sync point for metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..events import Event
+
+logger = logging.getLogger(__name__)
+
+
+class IterationTimer:
+    """Step and data-loading time per step; the first `warmup` steps are left out of the average."""
+
+    def __init__(self, warmup: int = 5) -> None:
+        self.warmup = warmup
+        self._start = 0.0
+        self._first_step: int | None = None
+        self.total_time = 0.0
+        self.timed_steps = 0
+
+    def attach(self, engine: Any) -> IterationTimer:
+        engine.on(Event.STEP_START, self.before_step)
+        engine.on(Event.STEP_END, self.after_step)
+        engine.on(Event.TRAIN_END, self.summary)
+        return self
+
+    def before_step(self, engine: Any) -> None:
+        if self._first_step is None:
+            self._first_step = engine.step
+        self._start = time.perf_counter()
+
+    def after_step(self, engine: Any) -> None:
+        elapsed = time.perf_counter() - self._start
+        engine.scalars["time"] = elapsed
+        engine.scalars["data_time"] = engine.data_time
+        if engine.step - self._first_step > self.warmup:
+            self.total_time += elapsed
+            self.timed_steps += 1
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.total_time / self.timed_steps if self.timed_steps else float("nan")
+
+    def summary(self, engine: Any) -> None:
+        if self.timed_steps:
+            logger.info(
+                "training speed: %d steps in %.2f s (%.4f s/step, first %d steps not counted)",
+                self.timed_steps,
+                self.total_time,
+                self.seconds_per_step,
+                self.warmup,
+            )
+
+
+class PeriodicWriter:
+    """Every `period` steps (and at the end): reduce metrics and send them to the trackers."""
+
+    def __init__(self, period: int = 20) -> None:
+        self.period = period
+        self.last_written = -1
+
+    def attach(self, engine: Any) -> PeriodicWriter:
+        engine.on(Event.STEP_END, self.write, every=self.period)
+        engine.on(Event.TRAIN_END, self.write)
+        return self
+
+    def write(self, engine: Any) -> None:
+        if engine.step == self.last_written:
+            return
+        values = {**engine.collect_metrics(), **engine.scalars}
+        engine.accelerator.log(values, step=engine.step)
+        self.last_written = engine.step
+
+
+class PeriodicCheckpointer:
+    """Save every `period` steps and at the end, keeping the newest `max_to_keep`."""
+
+    def __init__(self, period: int, max_to_keep: int | None = None, prefix: str | None = None):
+        self.period, self.max_to_keep, self.prefix = period, max_to_keep, prefix
+
+    def attach(self, engine: Any) -> PeriodicCheckpointer:
+        engine.on(Event.STEP_END, self.save, every=self.period)
+        engine.on(Event.TRAIN_END, self.save_final)
+        return self
+
+    def save(self, engine: Any) -> None:
+        engine.save_checkpoint(prefix=self.prefix, keep=self.max_to_keep)
+
+    def save_final(self, engine: Any) -> None:
+        if self.period <= 0 or engine.step % self.period:
+            self.save(engine)
+
+
+class LRScheduler:
+    """Log the learning rate of every param group (the Engine steps the scheduler itself)."""
+
+    def attach(self, engine: Any) -> LRScheduler:
+        engine.on(Event.STEP_END, self)
+        return self
+
+    def __call__(self, engine: Any) -> None:
+        groups = engine.optimizer.param_groups
+        engine.scalars["lr"] = groups[0]["lr"]
+        for i, group in enumerate(groups[1:], start=1):
+            engine.scalars[f"lr_group{i}"] = group["lr"]
+
+
+class AutogradProfiler:
+    """Profile the steps for which `predicate(engine)` holds; a Chrome trace per step."""
+
+    def __init__(self, predicate: Callable[[Any], bool], output_dir: str | Path) -> None:
+        self.predicate = predicate
+        self.output_dir = Path(output_dir)
+        self._profiler: torch.profiler.profile | None = None
+
+    def attach(self, engine: Any) -> AutogradProfiler:
+        engine.on(Event.STEP_START, self.before_step)
+        engine.on(Event.STEP_END, self.after_step)
+        return self
+
+    def before_step(self, engine: Any) -> None:
+        if not self.predicate(engine):
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+        self._profiler.__enter__()
+
+    def after_step(self, engine: Any) -> None:
+        if self._profiler is None:
+            return
+        self._profiler.__exit__(None, None, None)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rank = engine.accelerator.process_index
+        self._profiler.export_chrome_trace(
+            str(self.output_dir / f"step{engine.step}_rank{rank}.json")
+        )
+        self._profiler = None
+
+
+class ModelWeightsManipulating:
+    """Apply `fn(model)` before the given steps run (freeze, unfreeze, re-initialise ...)."""
+
+    def __init__(self, fn: Callable[[torch.nn.Module], None], steps: Iterable[int]) -> None:
+        self.fn, self.steps = fn, sorted(set(steps))
+
+    def attach(self, engine: Any) -> ModelWeightsManipulating:
+        for step in self.steps:
+            engine.on(Event.STEP_START, self, once=step)
+        # A resumed run replays manipulations of steps already done (they change the model).
+        engine.on(Event.TRAIN_START, self.replay)
+        return self
+
+    def __call__(self, engine: Any) -> None:
+        self.fn(engine.unwrapped_model)
+
+    def replay(self, engine: Any) -> None:
+        for step in self.steps:
+            if step <= engine.step:
+                self.fn(engine.unwrapped_model)
+
+
+class ScheduledSampling:
+    """X-modaler's scheduled sampling: raise `model.ss_prob` by `increase_prob` every
+    `increase_every` epochs after `start_epoch`, up to `max_prob`."""
+
+    def __init__(
+        self, start_epoch: int, increase_every: int, increase_prob: float, max_prob: float
+    ) -> None:
+        self.start_epoch, self.increase_every = start_epoch, max(1, increase_every)
+        self.increase_prob, self.max_prob = increase_prob, max_prob
+
+    def attach(self, engine: Any) -> ScheduledSampling:
+        engine.on(Event.EPOCH_START, self)
+        return self
+
+    def probability(self, epoch: int) -> float:
+        if epoch <= self.start_epoch:
+            return 0.0
+        steps = (epoch - self.start_epoch) // self.increase_every
+        return min(self.increase_prob * steps, self.max_prob)
+
+    def __call__(self, engine: Any) -> None:
+        prob = self.probability(engine.epoch)
+        engine.unwrapped_model.ss_prob = prob
+        engine.scalars["ss_prob"] = prob
