@@ -181,9 +181,8 @@ def read_checkpoint(
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     state = json.loads((path / STATE_FILE).read_text())
-    load_model(
-        accelerator.unwrap_model(model), str(path / MODEL_FILE), device=str(accelerator.device)
-    )
+    # Read on the CPU and copied into the parameters where they live (safetensors rejects "cpu:0").
+    load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE), device="cpu")
     optimizer.load_state_dict(_load_torch(path / "optimizer.pt"))
     if scheduler is not None:
         _require(path / "scheduler.pt")
