@@ -59,3 +59,46 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def regression_data(n: int = 64, dim: int = 8, seed: int = 0) -> torch.utils.data.TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen)
+    return torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+
+
+def mse_step(engine, batch):
+    x, y = batch
+    return {"loss": torch.nn.functional.mse_loss(engine.model(x), y)}
+
+
+def make_engine(
+    tmp_path,
+    *,
+    batch_size: int = 8,
+    max_steps: int = 10,
+    grad_accum: int = 1,
+    step_fn=mse_step,
+    model: torch.nn.Module | None = None,
+    optimizer_fn=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    data=None,
+    **engine_kwargs,
+):
+    from accelerate import Accelerator
+
+    from xmodaler_accel import Engine, build_train_loader
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
+    model = model if model is not None else torch.nn.Linear(8, 1)
+    loader = build_train_loader(data or regression_data(), batch_size, seed=3)
+    return Engine(
+        accelerator,
+        model,
+        optimizer_fn(model.parameters()),
+        loader,
+        step_fn,
+        max_steps=max_steps,
+        output_dir=tmp_path,
+        **engine_kwargs,
+    )

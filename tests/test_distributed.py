@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import BIN, FIXTURES, assert_bitwise_equal, load_final_state, run_toy, subprocess_env
 
 
@@ -51,8 +52,9 @@ def test_only_main_process_writes_logs(two_process_run):
 
 def test_two_process_kill_and_resume_is_bitwise_exact(tmp_path, two_process_run):
     reference, _ = two_process_run
-    proc = run_toy(tmp_path, "train.batch_size=4", "model.dropout=0.0", nproc=2,
-                   env={"TOY_KILL_AT": "37"})
+    proc = run_toy(
+        tmp_path, "train.batch_size=4", "model.dropout=0.0", nproc=2, env={"TOY_KILL_AT": "37"}
+    )
     assert proc.returncode != 0
     ok(run_toy(tmp_path, "train.batch_size=4", "model.dropout=0.0", nproc=2, resume=True))
     assert_bitwise_equal(

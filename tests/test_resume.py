@@ -4,8 +4,8 @@ import json
 import signal
 
 import pytest
-from conftest import assert_bitwise_equal, load_final_state, run_toy
 
+from conftest import assert_bitwise_equal, load_final_state, run_toy
 from xmodaler_accel.checkpoint import latest_checkpoint, list_checkpoints
 
 # 200 samples, batch 8, drop_last off: 25 steps per epoch; 60 steps cover 2.4 epochs.

@@ -244,9 +244,15 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> None:
 
 def _parse_value(raw: str) -> Any:
     try:
-        return yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         return raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(raw)
+        except ValueError:
+            return value
+    return value
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -58,6 +58,7 @@ class EventBus:
     def __init__(self) -> None:
         self._subs: dict[Event, list[Subscription]] = {e: [] for e in Event}
         self._names: set[str] = set()
+        self._owner_names: dict[int, str] = {}
 
     def on(
         self,
@@ -79,7 +80,7 @@ class EventBus:
             return lambda f: self.on(
                 event, f, every=every, once=once, after=after, before=before, name=name
             )
-        sub = Subscription(Event(event), fn, self._unique_name(name or _default_name(fn)))
+        sub = Subscription(Event(event), fn, name=self._name_for(fn, name))
         sub.every, sub.once, sub.after, sub.before = every, once, after, before
         self._subs[sub.event].append(sub)
         return fn
@@ -105,6 +106,15 @@ class EventBus:
                 seen.add(id(owner))
                 found[sub.name] = owner
         return found
+
+    def _name_for(self, fn: Callable, name: str | None) -> str:
+        """Explicit names are made unique; one object keeps one name across its subscriptions."""
+        owner = getattr(fn, "__self__", fn)
+        if name is None and id(owner) in self._owner_names:
+            return self._owner_names[id(owner)]
+        unique = self._unique_name(name or _default_name(fn))
+        self._owner_names.setdefault(id(owner), unique)
+        return unique
 
     def _unique_name(self, base: str) -> str:
         name, i = base, 1
