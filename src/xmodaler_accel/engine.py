@@ -93,9 +93,7 @@ class Engine:
         self.exception: BaseException | None = None
         self.data_time = 0.0
 
-        self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
-        self._first_nonfinite: dict[str, torch.Tensor] = {}
+        self._accumulators: dict[tuple[str, ...], _Accumulator] = {}
         self._device_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
         self._signal: int | None = None
         self._pending_hook_states: dict[str, Any] = {}
@@ -230,19 +228,20 @@ class Engine:
 
     # ------------------------------------------------------------------ metrics (on device)
     def _accumulate(self, outputs: dict[str, torch.Tensor]) -> None:
-        for name, value in outputs.items():
-            if not torch.is_tensor(value):
-                continue
-            value = value.detach().float()
-            if value.dim():
-                value = value.mean()
-            self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
-            first = self._first_nonfinite.get(name)
-            if first is None:
-                first = self._first_nonfinite[name] = torch.full_like(self._device_step, -1)
-            bad = ~torch.isfinite(value) & (first < 0)
-            torch.where(bad, self._device_step + 1, first, out=first)
-        self._count += 1
+        """Add this micro-step's outputs to on-device sums: a handful of kernels, no sync."""
+        names = tuple(n for n, v in outputs.items() if torch.is_tensor(v))
+        values = torch.stack([_as_scalar(outputs[n]) for n in names])
+        acc = self._accumulators.get(names)
+        if acc is None:
+            acc = self._accumulators[names] = _Accumulator(names, values)
+        acc.add(values, self._device_step)
+
+    def _per_name(self) -> dict[str, list[_Accumulator]]:
+        by_name: dict[str, list[_Accumulator]] = {}
+        for acc in self._accumulators.values():
+            for name in acc.names:
+                by_name.setdefault(name, []).append(acc)
+        return dict(sorted(by_name.items()))
 
     def collect_metrics(self) -> dict[str, float]:
         """Mean of each step output since the last call, averaged over processes (collective).
@@ -252,13 +251,18 @@ class Engine:
         if self._metrics_cache is not None and self._metrics_cache[0] == self.step:
             return self._metrics_cache[1]
         self.check_finite()
-        names = sorted(self._sums)
+        by_name = self._per_name()
         metrics: dict[str, float] = {}
-        if names:
-            stacked = torch.stack([self._sums[n] for n in names]) / max(self._count, 1)
-            values = self.accelerator.reduce(stacked, reduction="mean").tolist()
-            metrics = dict(zip(names, values))
-        self._sums, self._count = {}, 0
+        if by_name:
+            means = torch.stack(
+                [
+                    sum(a.sum[a.names.index(n)] for a in accs) / sum(a.count for a in accs)
+                    for n, accs in by_name.items()
+                ]
+            )
+            values = self.accelerator.reduce(means, reduction="mean").tolist()
+            metrics = dict(zip(by_name, values))
+        self._accumulators = {}
         self._metrics_cache = (self.step, metrics)
         return metrics
 
@@ -267,17 +271,20 @@ class Engine:
 
         The same exchange tells every process whether any of them was asked to stop.
         """
-        names = sorted(self._first_nonfinite)
+        by_name = self._per_name()
         never = torch.iinfo(torch.long).max
-        firsts = [self._first_nonfinite[n] for n in names]
+        firsts = [
+            torch.stack([a.first_bad[a.names.index(n)] for a in accs])
+            for n, accs in by_name.items()
+        ]
         flags = torch.stack(
-            [torch.where(f < 0, never, f) for f in firsts]
+            [torch.where(f < 0, never, f).min() for f in firsts]
             + [torch.tensor(int(self._signal is not None), device=self.device)]
         )
         table = self.accelerator.gather(flags).view(self.world_size, -1)
         first_bad = table[:, :-1].min(dim=0).values.tolist()
         self._stop_agreed = bool(table[:, -1].max().item())
-        bad = {n: s for n, s in zip(names, first_bad) if s != never}
+        bad = {n: s for n, s in zip(by_name, first_bad) if s != never}
         if bad:
             step = min(bad.values())
             terms = ", ".join(n for n, s in bad.items() if s == step)
@@ -405,3 +412,24 @@ class Engine:
     def _warn_unused_hook_states(self) -> None:
         for name in self._pending_hook_states:
             logger.warning("checkpoint holds state for hook %r, which is not subscribed", name)
+
+
+def _as_scalar(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach()
+    return (value.mean() if value.dim() else value).float()
+
+
+class _Accumulator:
+    """On-device sums of one set of step outputs, and the first step each was non-finite."""
+
+    def __init__(self, names: tuple[str, ...], like: torch.Tensor) -> None:
+        self.names = names
+        self.sum = torch.zeros_like(like)
+        self.first_bad = torch.full(like.shape, -1, dtype=torch.long, device=like.device)
+        self.count = 0
+
+    def add(self, values: torch.Tensor, device_step: torch.Tensor) -> None:
+        self.sum += values
+        newly_bad = ~torch.isfinite(values) & (self.first_bad < 0)
+        self.first_bad.masked_fill_(newly_bad, device_step + 1)
+        self.count += 1
