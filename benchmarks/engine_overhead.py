@@ -80,13 +80,21 @@ def measure(accelerator, dims, batch, steps, repeats, out_dir) -> tuple[float, f
     )
     engine_opt = torch.optim.Adam(engine_model.parameters(), lr=1e-4)
     cfg = Config(
-        {"train": {"timer_warmup": 5, "log_every": 20},
-         "checkpoint": {"every": 0, "keep": 1, "prefix": "step"}}
+        {
+            "train": {"timer_warmup": 5, "log_every": 20},
+            "checkpoint": {"every": 0, "keep": 1, "prefix": "step"},
+        }
     )
     engine = Engine(
-        accelerator, engine_model, engine_opt, build_train_loader(data, batch, seed=0), mse_step,
-        max_steps=0, scheduler=torch.optim.lr_scheduler.LambdaLR(engine_opt, lambda s: 1.0),
-        output_dir=out_dir, sync_every=20,
+        accelerator,
+        engine_model,
+        engine_opt,
+        build_train_loader(data, batch, seed=0),
+        mse_step,
+        max_steps=0,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(engine_opt, lambda s: 1.0),
+        output_dir=out_dir,
+        sync_every=20,
     )
     attach_default_hooks(engine, cfg)
     # The default hooks save a final checkpoint at TRAIN_END; time the loop, not the disk.
@@ -96,7 +104,9 @@ def measure(accelerator, dims, batch, steps, repeats, out_dir) -> tuple[float, f
     engine_loop(engine, 10)
     hand_times, engine_times = [], []
     for _ in range(repeats):
-        hand_times.append(hand_loop(accelerator, hand_model, hand_opt, hand_sched, hand_loader, steps))
+        hand_times.append(
+            hand_loop(accelerator, hand_model, hand_opt, hand_sched, hand_loader, steps)
+        )
         engine_times.append(engine_loop(engine, steps))
     params = sum(p.numel() for p in hand_model.parameters())
     return statistics.median(hand_times), statistics.median(engine_times), params
@@ -112,17 +122,23 @@ def main() -> None:
         accelerator.init_trackers("bench")
         hand_t, eng_t, params = measure(accelerator, [16, 16, 1], 8, 400, args.repeats, tmp)
         tiny_overhead_us = (eng_t - hand_t) * 1e6
-        print(f"tiny MLP ({params} params, batch 8): hand {hand_t * 1e6:.1f} us/step, "
-              f"engine {eng_t * 1e6:.1f} us/step, overhead {tiny_overhead_us:.1f} us/step")
+        print(
+            f"tiny MLP ({params} params, batch 8): hand {hand_t * 1e6:.1f} us/step, "
+            f"engine {eng_t * 1e6:.1f} us/step, overhead {tiny_overhead_us:.1f} us/step"
+        )
         hand_t, eng_t, params = measure(
             accelerator, [512, 2048, 2048, 1], 64, 40, args.repeats, tmp
         )
         ratio = eng_t / hand_t
-        print(f"{params / 1e6:.1f}M-param MLP (batch 64): hand {hand_t * 1e3:.2f} ms/step, "
-              f"engine {eng_t * 1e3:.2f} ms/step")
+        print(
+            f"{params / 1e6:.1f}M-param MLP (batch 64): hand {hand_t * 1e3:.2f} ms/step, "
+            f"engine {eng_t * 1e3:.2f} ms/step"
+        )
         accelerator.end_training()
-    print(f"ratio {ratio:.3f}x (Engine with default hooks vs hand-written Accelerate loop, "
-          f"{params / 1e6:.1f}M-param MLP, batch 64; tiny model overhead {tiny_overhead_us:.0f} us/step)")
+    print(
+        f"ratio {ratio:.3f}x (Engine with default hooks vs hand-written Accelerate loop, "
+        f"{params / 1e6:.1f}M-param MLP, batch 64; tiny model overhead {tiny_overhead_us:.0f} us/step)"
+    )
 
 
 if __name__ == "__main__":

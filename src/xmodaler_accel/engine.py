@@ -431,5 +431,6 @@ class _Accumulator:
     def add(self, values: torch.Tensor, device_step: torch.Tensor) -> None:
         self.sum += values
         newly_bad = ~torch.isfinite(values) & (self.first_bad < 0)
-        self.first_bad.masked_fill_(newly_bad, device_step + 1)
+        # torch.where with a tensor operand never reads a value back (masked_fill_ may).
+        self.first_bad = torch.where(newly_bad, device_step + 1, self.first_bad)
         self.count += 1

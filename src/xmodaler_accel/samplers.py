@@ -57,7 +57,7 @@ def build_train_loader(
     num_workers: int = 0,
     drop_last: bool = True,
     shuffle: bool = True,
-    pin_memory: bool = False,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
     """A DataLoader over `dataset` with a `ResumableSampler`, ready for `Engine` (exact resume).
 
@@ -73,7 +73,7 @@ def build_train_loader(
         collate_fn=collate_fn,
         num_workers=num_workers,
         drop_last=drop_last,
-        pin_memory=pin_memory,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
     )

@@ -16,7 +16,7 @@ from typing import Any
 import accelerate
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
 from .config import Config, save_config
 from .optim import auto_scale_workers
@@ -55,6 +55,8 @@ def make_accelerator(cfg: Config, log_with: Sequence[Any] = ()) -> Accelerator:
         project_dir=cfg.output_dir,
         cpu=not torch.cuda.is_available(),
         step_scheduler_with_optimizer=False,
+        # Pinned batches copied without blocking: fetching data never waits for the GPU.
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
     )
     expected = int(os.environ.get("WORLD_SIZE", 1))
