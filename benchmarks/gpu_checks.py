@@ -3,7 +3,7 @@
 1. No host synchronisation between log periods, in bf16: training runs under
    `torch.cuda.set_sync_debug_mode("error")`, relaxed only inside the Engine's sync points
    (`collect_metrics`, `check_finite`). Default hooks, EMA, clipping by norm and a scheduler on.
-2. bf16 against fp32 step time for a Transformer encoder (d_model 512, 6 layers, batch 64 x 50).
+2. bf16 against fp32 step time for a Transformer encoder (d_model 1024, 8 layers, 64 x 128 tokens).
 3. Engine overhead against a hand-written Accelerate loop on the GPU.
 
     python benchmarks/gpu_checks.py
@@ -24,16 +24,21 @@ from xmodaler_accel.config import DEFAULTS, Config
 from xmodaler_accel.hooks import EMA
 from xmodaler_accel.setup import attach_default_hooks, attach_writer, make_accelerator
 
+VOCAB, SEQ, BATCH = 1000, 128, 64
+
 
 class Encoder(torch.nn.Module):
-    def __init__(self, d: int = 512, layers: int = 6) -> None:
+    """Token ids in (cheap to load), so that step time is the GPU's work, not the loader's."""
+
+    def __init__(self, d: int, layers: int) -> None:
         super().__init__()
-        layer = torch.nn.TransformerEncoderLayer(d, 8, 4 * d, dropout=0.1, batch_first=True)
+        self.embed = torch.nn.Embedding(VOCAB, d)
+        layer = torch.nn.TransformerEncoderLayer(d, 16, 4 * d, dropout=0.1, batch_first=True)
         self.encoder = torch.nn.TransformerEncoder(layer, layers)
         self.head = torch.nn.Linear(d, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x).mean(1))
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids)).mean(1))
 
 
 def step(engine: Engine, batch) -> dict[str, torch.Tensor]:
@@ -43,7 +48,7 @@ def step(engine: Engine, batch) -> dict[str, torch.Tensor]:
     return {"loss": loss, "abs_err": (pred - y).abs().mean()}
 
 
-def build(precision: str, out: str, max_steps: int) -> Engine:
+def build(precision: str, out: str, max_steps: int, step_fn=step) -> Engine:
     cfg = Config(DEFAULTS)
     cfg.mixed_precision = precision
     cfg.output_dir = out
@@ -51,10 +56,11 @@ def build(precision: str, out: str, max_steps: int) -> Engine:
     accelerator = make_accelerator(cfg)
     gen = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(
-        torch.randn(64 * 40, 50, 512, generator=gen), torch.randn(64 * 40, 1, generator=gen)
+        torch.randint(0, VOCAB, (BATCH * 20, SEQ), generator=gen),
+        torch.randn(BATCH * 20, 1, generator=gen),
     )
     torch.manual_seed(0)
-    model = Encoder()
+    model = Encoder(d=1024, layers=8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     engine = Engine(
         accelerator,
@@ -77,17 +83,27 @@ def build(precision: str, out: str, max_steps: int) -> Engine:
 
 
 def relax_at_sync_points(engine: Engine) -> None:
+    depth = [0]
     for name in ("collect_metrics", "check_finite"):
         original = getattr(engine, name)
 
         def wrapped(*args, _original=original, **kwargs):
+            depth[0] += 1
             torch.cuda.set_sync_debug_mode("default")
             try:
                 return _original(*args, **kwargs)
             finally:
-                torch.cuda.set_sync_debug_mode("error")
+                depth[0] -= 1
+                if depth[0] == 0:
+                    torch.cuda.set_sync_debug_mode("error")
 
         setattr(engine, name, wrapped)
+
+
+def syncing_step(engine: Engine, batch) -> dict[str, torch.Tensor]:
+    out = step(engine, batch)
+    out["loss"].item()  # a host sync inside the step: the check must catch it
+    return out
 
 
 def sync_check(out: str) -> None:
@@ -104,7 +120,20 @@ def sync_check(out: str) -> None:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def timed(precision: str, out: str, steps: int = 60, repeats: int = 3) -> float:
+def negative_control(out: str) -> None:
+    engine = build("bf16", out, max_steps=3, step_fn=syncing_step)
+    relax_at_sync_points(engine)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine.run()
+        print("negative control: NOT caught (the check is blind)")
+    except RuntimeError as err:
+        print(f"negative control: caught .item() in a step ({err})")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def timed(precision: str, out: str, steps: int = 20, repeats: int = 3) -> float:
     times = []
     engine = build(precision, out, max_steps=10)
     engine.run()  # warm-up
@@ -118,17 +147,23 @@ def timed(precision: str, out: str, steps: int = 60, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def reset() -> None:
     from accelerate.state import AcceleratorState, GradientState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def main() -> None:
     logging.getLogger("xmodaler_accel").setLevel(logging.WARNING)
     print(torch.cuda.get_device_name(0), "torch", torch.__version__)
     with tempfile.TemporaryDirectory() as out:
         sync_check(out)
+        reset()
+        negative_control(out)
         results = {}
         for precision in ("no", "bf16"):
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+            reset()
             results[precision] = timed(precision, out)
             print(
                 f"{precision:>4}: {results[precision] * 1e3:.2f} ms/step "

@@ -94,7 +94,8 @@ class Engine:
         self.data_time = 0.0
 
         self._accumulators: dict[tuple[str, ...], _Accumulator] = {}
-        self._device_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
+        # Float so that it stacks with the step outputs; exact up to 2**24 steps.
+        self._device_step = torch.zeros((), dtype=torch.float32, device=accelerator.device)
         self._signal: int | None = None
         self._pending_hook_states: dict[str, Any] = {}
         self._metrics_cache: tuple[int, dict[str, float]] | None = None
@@ -228,19 +229,24 @@ class Engine:
 
     # ------------------------------------------------------------------ metrics (on device)
     def _accumulate(self, outputs: dict[str, torch.Tensor]) -> None:
-        """Add this micro-step's outputs to on-device sums: a handful of kernels, no sync."""
+        """Keep this micro-step's outputs on the device: one `stack` kernel, no sync.
+
+        Each row also holds the step number, so that a later check can name the first
+        non-finite step; rows are summed at sync points (`_Accumulator.fold`).
+        """
         names = tuple(n for n, v in outputs.items() if torch.is_tensor(v))
-        values = torch.stack([_as_scalar(outputs[n]) for n in names])
+        row = torch.stack([*(_as_scalar(outputs[n]) for n in names), self._device_step])
         acc = self._accumulators.get(names)
         if acc is None:
-            acc = self._accumulators[names] = _Accumulator(names, values)
-        acc.add(values, self._device_step)
+            acc = self._accumulators[names] = _Accumulator(names)
+        acc.add(row)
 
-    def _per_name(self) -> dict[str, list[_Accumulator]]:
-        by_name: dict[str, list[_Accumulator]] = {}
+    def _per_name(self) -> dict[str, list[tuple[_Accumulator, int]]]:
+        by_name: dict[str, list[tuple[_Accumulator, int]]] = {}
         for acc in self._accumulators.values():
-            for name in acc.names:
-                by_name.setdefault(name, []).append(acc)
+            acc.fold()
+            for i, name in enumerate(acc.names):
+                by_name.setdefault(name, []).append((acc, i))
         return dict(sorted(by_name.items()))
 
     def collect_metrics(self) -> dict[str, float]:
@@ -256,8 +262,8 @@ class Engine:
         if by_name:
             means = torch.stack(
                 [
-                    sum(a.sum[a.names.index(n)] for a in accs) / sum(a.count for a in accs)
-                    for n, accs in by_name.items()
+                    sum(a.sum[i] for a, i in accs) / sum(a.count for a, _ in accs)
+                    for accs in by_name.values()
                 ]
             )
             values = self.accelerator.reduce(means, reduction="mean").tolist()
@@ -272,19 +278,12 @@ class Engine:
         The same exchange tells every process whether any of them was asked to stop.
         """
         by_name = self._per_name()
-        never = torch.iinfo(torch.long).max
-        firsts = [
-            torch.stack([a.first_bad[a.names.index(n)] for a in accs])
-            for n, accs in by_name.items()
-        ]
-        flags = torch.stack(
-            [torch.where(f < 0, never, f).min() for f in firsts]
-            + [torch.tensor(int(self._signal is not None), device=self.device)]
-        )
-        table = self.accelerator.gather(flags).view(self.world_size, -1)
+        firsts = [torch.stack([a.first_bad[i] for a, i in accs]).min() for accs in by_name.values()]
+        stop = torch.tensor(float(self._signal is not None), device=self.device)
+        table = self.accelerator.gather(torch.stack([*firsts, stop])).view(self.world_size, -1)
         first_bad = table[:, :-1].min(dim=0).values.tolist()
         self._stop_agreed = bool(table[:, -1].max().item())
-        bad = {n: s for n, s in zip(by_name, first_bad) if s != never}
+        bad = {n: int(s) for n, s in zip(by_name, first_bad) if s != float("inf")}
         if bad:
             step = min(bad.values())
             terms = ", ".join(n for n, s in bad.items() if s == step)
@@ -420,17 +419,30 @@ def _as_scalar(value: torch.Tensor) -> torch.Tensor:
 
 
 class _Accumulator:
-    """On-device sums of one set of step outputs, and the first step each was non-finite."""
+    """Rows of one set of step outputs (plus the step number), folded into sums on demand."""
 
-    def __init__(self, names: tuple[str, ...], like: torch.Tensor) -> None:
+    MAX_PENDING = 256  # fold at least this often, whatever the sync period
+
+    def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
-        self.sum = torch.zeros_like(like)
-        self.first_bad = torch.full(like.shape, -1, dtype=torch.long, device=like.device)
+        self.pending: list[torch.Tensor] = []
+        self.sum: torch.Tensor | None = None
+        self.first_bad: torch.Tensor | None = None  # step numbers (1-based); inf = never
         self.count = 0
 
-    def add(self, values: torch.Tensor, device_step: torch.Tensor) -> None:
-        self.sum += values
-        newly_bad = ~torch.isfinite(values) & (self.first_bad < 0)
-        # torch.where with a tensor operand never reads a value back (masked_fill_ may).
-        self.first_bad = torch.where(newly_bad, device_step + 1, self.first_bad)
+    def add(self, row: torch.Tensor) -> None:
+        self.pending.append(row)
         self.count += 1
+        if len(self.pending) >= self.MAX_PENDING:
+            self.fold()
+
+    def fold(self) -> None:
+        if not self.pending:
+            return
+        rows = torch.stack(self.pending)
+        self.pending = []
+        values, steps = rows[:, :-1], rows[:, -1:]
+        total = values.sum(dim=0)
+        bad = torch.where(torch.isfinite(values), float("inf"), steps + 1).amin(dim=0)
+        self.sum = total if self.sum is None else self.sum + total
+        self.first_bad = bad if self.first_bad is None else torch.minimum(self.first_bad, bad)
