@@ -110,7 +110,7 @@ class SplitWriter:
         features: Features,
         *,
         split: str | None = None,
-        chunk_bytes: int = 256 * 2**20,
+        chunk_bytes: int = 64 * 2**20,
         max_chunk_rows: int = 10_000,
         shard_bytes: int = 4 * 2**30,
         fingerprint: str | None = None,
@@ -134,6 +134,7 @@ class SplitWriter:
     def _open_shard(self) -> None:
         name = f"data-{len(self._shards):05d}.arrow"
         self._shards.append(name)
+        self._shard_nbytes = 0
         self._writer = ArrowWriter(features=self.features, path=str(self.directory / name))
 
     def add(self, row: Mapping[str, Any]) -> None:
@@ -164,11 +165,12 @@ class SplitWriter:
                 arrays.append(pa.array(values, type=self._schema.field(name).type))
         table = pa.Table.from_arrays(arrays, schema=self._schema)
         assert self._writer is not None
-        if self._writer._num_bytes and self._writer._num_bytes + table.nbytes > self.shard_bytes:
+        if self._shard_nbytes and self._shard_nbytes + table.nbytes > self.shard_bytes:
             self._writer.finalize()
             self._writer.close()
             self._open_shard()
         self._writer.write_table(table)
+        self._shard_nbytes += table.nbytes
         self.num_rows += rows
         self._buffer = {name: [] for name in self._buffer}
         self._buffered_bytes = self._buffered_rows = 0
@@ -193,16 +195,6 @@ class SplitWriter:
         return self.num_rows
 
 
-def write_split(
-    directory: str | Path, features: Features, rows: Iterator[Mapping[str, Any]], **kwargs: Any
-) -> int:
-    """Write all `rows` as one split directory; returns the row count."""
-    writer = SplitWriter(directory, features, **kwargs)
-    for row in rows:
-        writer.add(row)
-    return writer.close()
-
-
 def finish_dataset_dict(directory: str | Path, splits: list[str], meta: Mapping[str, Any]) -> None:
     """Write `dataset_dict.json` and `meta.json`, then check that the result loads."""
     directory = Path(directory)
@@ -215,7 +207,9 @@ def finish_dataset_dict(directory: str | Path, splits: list[str], meta: Mapping[
     counts = meta.get("num_rows", {})
     for split, expected in counts.items():
         if loaded[split].num_rows != expected:
-            raise RuntimeError(f"{directory}/{split}: {loaded[split].num_rows} rows, wrote {expected}")
+            raise RuntimeError(
+                f"{directory}/{split}: {loaded[split].num_rows} rows, wrote {expected}"
+            )
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

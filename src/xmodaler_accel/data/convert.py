@@ -1,0 +1,175 @@
+"""Command line: `python -m xmodaler_accel.data.convert {karpathy,vcr,pairs,synthetic} ...`.
+
+Examples:
+    python -m xmodaler_accel.data.convert karpathy --annotations dataset_coco.json \\
+        --features mscoco/features/up_down --output data/coco --min-count 5 --float16
+    python -m xmodaler_accel.data.convert karpathy --annotations dataset_flickr30k.json \\
+        --features trainval/flickr30k_resnet101_faster_rcnn_genome.tsv.* --output data/f30k
+    python -m xmodaler_accel.data.convert vcr --annotations vcr1annots/train.jsonl \\
+        vcr1annots/val.jsonl --features vcr_features.h5 --vocab bert-base-uncased/vocab.txt \\
+        --output data/vcr
+    python -m xmodaler_accel.data.convert pairs --pairs train=cc_train.tsv val=cc_val.tsv \\
+        --features cc_features/ --output data/cc
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .converters import convert_karpathy
+from .errors import DataError
+from .pairs import convert_pairs
+from .synthetic import synthetic_dir
+from .vcr import VCR_IMAGE_KEYS, convert_vcr
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, type=Path, help="dataset directory to create")
+    parser.add_argument(
+        "--features",
+        required=True,
+        nargs="+",
+        help="folder of per-image .npz, bottom-up .tsv file(s), or an .h5/.hdf5 file",
+    )
+    parser.add_argument("--feature-format", default="auto", choices=["auto", "npz", "tsv", "hdf5"])
+    parser.add_argument(
+        "--tsv-fields",
+        nargs="+",
+        default=(),
+        help="column names of a bottom-up TSV (default: image_id image_w image_h num_boxes "
+        "boxes features); base64 arrays: boxes, features, cls_prob",
+    )
+    parser.add_argument("--feat-dim", type=int, default=None, help="expected feature width")
+    parser.add_argument("--float16", action="store_true", help="store features as float16")
+    parser.add_argument("--no-cls-prob", action="store_true", help="drop cls_prob if present")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--chunk-mb", type=int, default=64, help="rows buffered per write (MiB)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _bert(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vocab", type=Path, default=None, help="existing BERT vocab.txt")
+    parser.add_argument("--wordpiece-size", type=int, default=8000, help="WordPiece vocab size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m xmodaler_accel.data.convert",
+        description="Convert datasets to memory-mapped Arrow tables (datasets.load_from_disk).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    karpathy = commands.add_parser("karpathy", help="Karpathy split JSON + region features")
+    karpathy.add_argument("--annotations", required=True, type=Path, help="dataset_coco.json")
+    karpathy.add_argument("--min-count", type=int, default=5, help="vocabulary minimum count")
+    karpathy.add_argument(
+        "--feature-key",
+        default="auto",
+        choices=["auto", "cocoid", "imgid", "filename"],
+        help="what names an image's features (auto: cocoid if present, else filename stem)",
+    )
+    karpathy.add_argument("--wordpiece-size", type=int, default=None, help="also train WordPiece")
+    _common(karpathy)
+
+    vcr = commands.add_parser("vcr", help="VCR train/val/test.jsonl + region features")
+    vcr.add_argument("--annotations", required=True, nargs="+", type=Path)
+    vcr.add_argument("--image-key", default="img_fn", choices=list(VCR_IMAGE_KEYS))
+    _bert(vcr)
+    _common(vcr)
+
+    pairs = commands.add_parser("pairs", help="image-text pairs (TSV or JSONL) + features")
+    pairs.add_argument(
+        "--pairs", required=True, nargs="+", help="SPLIT=PATH (or PATH alone for train)"
+    )
+    _bert(pairs)
+    _common(pairs)
+
+    synthetic = commands.add_parser("synthetic", help="build the synthetic scenes dataset")
+    synthetic.add_argument("--output", type=Path, default=None, help="cache directory")
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--feat-dim", type=int, default=256)
+    synthetic.add_argument("--num-train", type=int, default=4000)
+    synthetic.add_argument("--num-val", type=int, default=500)
+    synthetic.add_argument("--num-test", type=int, default=500)
+    synthetic.add_argument("--float16", action="store_true")
+    synthetic.add_argument("--rebuild", action="store_true")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "feature_format": args.feature_format,
+        "tsv_fields": tuple(args.tsv_fields),
+        "feat_dim": args.feat_dim,
+        "dtype": "float16" if args.float16 else "float32",
+        "keep_cls_prob": not args.no_cls_prob,
+        "overwrite": args.overwrite,
+        "progress": not args.quiet,
+        "chunk_bytes": args.chunk_mb * 2**20,
+    }
+
+
+def _split_paths(values: Sequence[str]) -> dict[str, Path]:
+    out = {}
+    for value in values:
+        split, sep, path = value.partition("=")
+        out[split if sep else "train"] = Path(path if sep else value)
+    return out
+
+
+def run(args: argparse.Namespace) -> Path:
+    if args.command == "synthetic":
+        return synthetic_dir(
+            args.output,
+            rebuild=args.rebuild,
+            seed=args.seed,
+            feat_dim=args.feat_dim,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            num_test=args.num_test,
+            dtype="float16" if args.float16 else "float32",
+        )
+    features = args.features[0] if len(args.features) == 1 else args.features
+    if args.command == "karpathy":
+        return convert_karpathy(
+            args.annotations,
+            features,
+            args.output,
+            min_count=args.min_count,
+            feature_key=args.feature_key,
+            wordpiece_size=args.wordpiece_size,
+            **_options(args),
+        )
+    bert = {"vocab": args.vocab, "wordpiece_size": args.wordpiece_size}
+    if args.command == "vcr":
+        return convert_vcr(
+            args.annotations,
+            features,
+            args.output,
+            image_key=args.image_key,
+            **bert,
+            **_options(args),
+        )
+    return convert_pairs(_split_paths(args.pairs), features, args.output, **bert, **_options(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; data errors print one line naming the file and sample, exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        output = run(args)
+    except (DataError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Batching: padded regions and masks, XE/SCST/pair/VCR batches, map-style dataset views."""
+
+from __future__ import annotations
+
+import functools
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from xmodaler_accel.data import (
+    ArrowColumns,
+    CaptionDataset,
+    ImageDataset,
+    PairDataset,
+    VCRDataset,
+    build_synthetic,
+    collate_pairs,
+    collate_scst,
+    collate_vcr,
+    collate_xe,
+    load_tokenizer,
+    mask_regions,
+    mask_tokens,
+    pad_regions,
+    synthetic_dir,
+)
+
+PARAMS = {"num_train": 40, "num_val": 12, "num_test": 4, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return synthetic_dir(tmp_path_factory.mktemp("synthetic"), **PARAMS)
+
+
+@pytest.fixture(scope="module")
+def data(root):
+    return build_synthetic(root.parent, **PARAMS)
+
+
+def test_pad_regions_truncates_pads_and_prepends_the_global_mean():
+    a = np.arange(3 * 2, dtype=np.float32).reshape(3, 2)
+    b = np.arange(6 * 2, dtype=np.float32).reshape(6, 2) + 100
+    boxes = [np.full((3, 5), 0.5, np.float32), np.full((6, 5), 0.25, np.float32)]
+    feats, locs, mask = pad_regions([a, b], boxes, max_feat_num=4, use_global_v=True)
+    assert feats.shape == (2, 5, 2) and locs.shape == (2, 5, 5) and mask.dtype == torch.bool
+    assert mask.tolist() == [[True] * 4 + [False], [True] * 5]
+    assert feats[0, 0].tolist() == a.mean(0).tolist()
+    assert feats[1, 0].tolist() == b.mean(0).tolist()  # mean over all regions, before truncation
+    assert feats[0, 1:4].tolist() == a.tolist() and feats[0, 4].tolist() == [0, 0]
+    assert feats[1, 1:].tolist() == b[:4].tolist()
+    assert locs[0, 0].tolist() == [0, 0, 1, 1, 1] and locs[0, 4].tolist() == [0] * 5
+    feats, _, mask = pad_regions([a.astype(np.float16), b], boxes, max_feat_num=0)
+    assert feats.dtype == torch.float32 and feats.shape == (2, 6, 2) and mask.sum() == 9
+
+
+def item(index: int, n_regions: int, captions: list[list[int]]) -> dict:
+    return {
+        "index": index,
+        "image_index": index,
+        "image_id": 10 + index,
+        "features": np.ones((n_regions, 4), np.float32),
+        "boxes": np.zeros((n_regions, 5), np.float32),
+        "input_ids": [np.array(c) for c in captions],
+        "references": [f"caption {index}"],
+    }
+
+
+def test_collate_xe_shifts_targets_and_keeps_one_feature_row_per_image():
+    batch = collate_xe([item(0, 2, [[1, 7, 2], [1, 8, 9, 2]]), item(1, 3, [[1, 5, 2], [1, 2]])])
+    assert batch["features"].shape == (2, 3, 4) and batch["seq_per_img"] == 2
+    assert batch["input_ids"].tolist() == [[1, 7, 0], [1, 8, 9], [1, 5, 0], [1, 0, 0]]
+    assert batch["target_ids"].tolist() == [[7, 2, -100], [8, 9, 2], [5, 2, -100], [2, -100, -100]]
+    assert batch["token_mask"].sum(1).tolist() == [2, 3, 2, 1]
+    assert batch["image_ids"].tolist() == [10, 11] and batch["region_mask"].sum().item() == 5
+    with pytest.raises(ValueError, match=r"images have \[1, 2\] captions each"):
+        collate_xe([item(0, 2, [[1, 2]]), item(1, 2, [[1, 2], [1, 2]])])
+
+
+def test_collate_scst_keeps_every_reference(data, root):
+    dataset = CaptionDataset(data["val"], load_tokenizer(root))
+    batch = collate_scst([dataset[i] for i in range(3)])
+    assert batch["references"] == data["val"]["captions"][:3]
+    assert batch["features"].shape[0] == 3 and "input_ids" not in batch
+
+
+def test_caption_dataset_samples_seq_per_img_reproducibly(data, root):
+    tokenizer = load_tokenizer(root)
+    dataset = CaptionDataset(data["train"], tokenizer, seq_per_img=3, seed=1)
+    first = [ids.tolist() for ids in dataset[4]["input_ids"]]
+    assert first == [ids.tolist() for ids in dataset[4]["input_ids"]]
+    all_ids = [ids.tolist() for ids in CaptionDataset(data["train"], tokenizer)[4]["input_ids"]]
+    assert len(first) == 3 and all(ids in all_ids for ids in first)
+    dataset.set_epoch(1)
+    assert [ids.tolist() for ids in dataset[4]["input_ids"]] != first
+    more = CaptionDataset(data["train"], tokenizer, seq_per_img=7)[4]["input_ids"]
+    assert len(more) == 7 and [ids.tolist() for ids in more[:5]] == all_ids
+    short = CaptionDataset(data["train"], tokenizer, max_seq_len=3)[4]["input_ids"]
+    assert max(len(ids) for ids in short) == 5 and all(ids[-1] == 2 for ids in short)
+
+
+def test_caption_batches_decode_to_the_stored_captions(data, root):
+    tokenizer = load_tokenizer(root)
+    dataset = CaptionDataset(data["val"], tokenizer, seq_per_img=5)
+    batch = collate_xe([dataset[i] for i in range(4)], use_global_v=True)
+    assert batch["input_ids"].shape[0] == 20
+    decoded = tokenizer.batch_decode(batch["target_ids"].clamp(min=0), skip_special_tokens=True)
+    assert decoded == [c for caps in data["val"]["captions"][:4] for c in caps]
+    assert (batch["region_labels"][:, 0] == -1).all() and (batch["boxes"][:, 0, 4] == 1).all()
+
+
+def test_pair_dataset_walks_every_caption(data, root):
+    wordpiece = load_tokenizer(root / "wordpiece")
+    pairs = PairDataset(data["val"], wordpiece)
+    assert len(pairs) == 5 * len(data["val"])
+    assert pairs.locate(7) == (1, 2) and pairs[7]["caption"] == data["val"][1]["captions"][2]
+    batch = collate_pairs([pairs[i] for i in range(6, 12)])
+    assert batch["image_index"].tolist() == [1, 1, 1, 1, 2, 2]
+    assert batch["input_ids"][:, 0].eq(wordpiece.cls_token_id).all()
+    assert batch["features"].shape[0] == 6 and batch["cls_prob"].shape[-1] == 9
+    text_only = collate_pairs([PairDataset(data["val"], wordpiece, with_regions=False)[7]])
+    assert "features" not in text_only and text_only["input_ids"].equal(
+        batch["input_ids"][1:2, : len(text_only["input_ids"][0])]
+    )
+
+
+def test_vcr_batches_carry_tags_to_sub_words(data, root):
+    wordpiece = load_tokenizer(root / "wordpiece")
+    dataset = VCRDataset.from_dict(data, "val", wordpiece)
+    row = data["vcr_val"][0]
+    example = dataset[0]
+    tokens = wordpiece.convert_ids_to_tokens(example["qa_input_ids"][0])
+    tagged = [(t, tag) for t, tag in zip(tokens, example["qa_tags"][0]) if tag >= 0]
+    question_tagged = [(w, t) for w, t in zip(row["question"], row["question_tags"]) if t >= 0]
+    assert tagged[: len(question_tagged)] == question_tagged
+    batch = collate_vcr([dataset[i] for i in range(3)], use_global_v=True)
+    assert batch["qa_input_ids"].shape[:2] == (3, 4) and batch["qar_tags"].shape[:2] == (3, 4)
+    plain = collate_vcr([dataset[i] for i in range(3)])
+    shifted = batch["qa_tags"]
+    assert torch.equal(shifted, torch.where(plain["qa_tags"] >= 0, plain["qa_tags"] + 1, -1))
+    truncated = collate_vcr([dataset[i] for i in range(3)], max_feat_num=1)
+    assert truncated["qa_tags"].max() <= 0
+    assert batch["answer_label"].tolist() == data["vcr_val"]["answer_label"][:3]
+
+
+def test_arrow_columns_match_datasets_decoding_without_copies(data):
+    table = data["train"]
+    columns = ArrowColumns(table)
+    for row in (0, 17, 39):
+        expected = np.array(table[row]["features"], dtype=np.float32)
+        got = columns.array("features", row)
+        np.testing.assert_array_equal(got, expected)
+        assert not got.flags.writeable and not got.flags.owndata  # a view of the mapped file
+    shuffled = table.shuffle(seed=0).select(range(10))
+    view = ArrowColumns(shuffled)
+    for row in range(10):
+        np.testing.assert_array_equal(view.array("boxes", row), np.array(shuffled[row]["boxes"]))
+        assert view.value("image_id", row) == shuffled[row]["image_id"]
+    payload = pickle.dumps(ImageDataset(table))
+    assert len(payload) < 100_000  # workers get the file path, not the arrays
+    np.testing.assert_array_equal(
+        pickle.loads(payload)[39]["features"], columns.array("features", 39)
+    )
+
+
+def test_dataloader_workers_give_the_same_batches(data, root):
+    dataset = CaptionDataset(data["train"], load_tokenizer(root), seq_per_img=5)
+    collate = functools.partial(collate_xe, max_feat_num=50)
+    serial = list(DataLoader(dataset, batch_size=8, collate_fn=collate))
+    parallel = list(DataLoader(dataset, batch_size=8, collate_fn=collate, num_workers=2))
+    assert len(serial) == len(parallel) == 5
+    for a, b in zip(serial, parallel):
+        assert a["features"].equal(b["features"]) and a["input_ids"].equal(b["input_ids"])
+
+
+def test_mask_tokens_and_regions_skip_specials_and_padding():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (64, 32), generator=generator)
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = True
+    masked, labels = mask_tokens(ids, special, mask_id=4, vocab_size=100, generator=generator)
+    picked = labels != -100
+    assert not picked[:, 0].any() and 0.12 < picked.float().mean() < 0.18
+    assert labels[picked].equal(ids[picked]) and masked[~picked].equal(ids[~picked])
+    assert 0.75 < (masked[picked] == 4).float().mean() < 0.85
+    feats = torch.ones(64, 10, 3)
+    region_mask = torch.arange(10).expand(64, 10) < 6
+    out, chosen = mask_regions(feats, region_mask, prob=0.5, generator=generator)
+    assert not chosen[~region_mask].any() and chosen.any()
+    assert (out.sum(-1) == 0).sum() <= chosen.sum() and out[~chosen].eq(1).all()

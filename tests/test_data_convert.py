@@ -1,0 +1,411 @@
+"""Converters to Arrow: round trips from fixtures made here, feature formats, every error."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import DatasetDict, load_from_disk
+
+from xmodaler_accel.data import (
+    EmptyCaptionError,
+    FeatureFileNotFoundError,
+    FeatureShapeError,
+    ImageDataset,
+    MalformedLineError,
+    SplitWriter,
+    UnknownSplitError,
+    convert_karpathy,
+    convert_pairs,
+    convert_vcr,
+    image_table_features,
+    load_tokenizer,
+    location_features,
+    open_features,
+    read_meta,
+)
+from xmodaler_accel.data.convert import main as convert_main
+
+DIM = 16
+
+
+def make_regions(rng: np.random.Generator, num: int, cls_dim: int | None = None) -> dict:
+    boxes = np.sort(rng.uniform(0, 400, size=(num, 2, 2)), axis=1).reshape(num, 4)[:, [0, 2, 1, 3]]
+    out = {
+        "features": rng.standard_normal((num, DIM)).astype(np.float32),
+        "boxes": boxes.astype(np.float32),
+        "image_w": np.int64(640),
+        "image_h": np.int64(480),
+    }
+    if cls_dim:
+        out["cls_prob"] = rng.dirichlet(np.ones(cls_dim), size=num).astype(np.float32)
+    return out
+
+
+def write_npz(folder: Path, keys: list[str], seed: int = 0, cls_dim: int | None = None) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    regions = {key: make_regions(rng, int(rng.integers(3, 9)), cls_dim) for key in keys}
+    for key, arrays in regions.items():
+        np.savez(folder / f"{key}.npz", **arrays)
+    return regions
+
+
+def sentence(raw: str) -> dict:
+    return {"raw": raw, "tokens": raw.lower().rstrip(".").split()}
+
+
+def karpathy_fixture(tmp_path: Path, cls_dim: int | None = None) -> tuple[Path, Path, dict]:
+    images = [
+        {
+            "filename": f"COCO_{i}.jpg",
+            "imgid": i,
+            "cocoid": 100 + i,
+            "split": split,
+            "sentences": [],
+        }
+        for i, split in enumerate(["train", "train", "restval", "val", "val", "test"])
+    ]
+    for image in images:
+        i = image["imgid"]
+        image["sentences"] = [sentence(f"A dog number {i} runs."), sentence(f"The cat {i} sits!")]
+    annotations = tmp_path / "dataset_coco.json"
+    annotations.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    regions = write_npz(tmp_path / "feats", [str(100 + i) for i in range(6)], cls_dim=cls_dim)
+    return annotations, tmp_path / "feats", regions
+
+
+def test_karpathy_round_trip_keeps_features_boxes_and_captions(tmp_path):
+    annotations, feats, regions = karpathy_fixture(tmp_path, cls_dim=5)
+    out = convert_karpathy(annotations, feats, tmp_path / "out", min_count=1, progress=False)
+    data = load_from_disk(str(out))
+    assert isinstance(data, DatasetDict) and list(data) == ["train", "val", "test"]
+    assert [len(data[s]) for s in data] == [3, 2, 1]  # restval folded into train
+    assert data["train"]["image_id"] == [100, 101, 102]
+    images = ImageDataset(data["train"])
+    for row, key in enumerate(["100", "101", "102"]):
+        item = images[row]
+        np.testing.assert_array_equal(item["features"], regions[key]["features"])
+        expected = location_features(regions[key]["boxes"], 640, 480)
+        np.testing.assert_allclose(item["boxes"], expected, rtol=1e-6)
+        np.testing.assert_array_equal(item["cls_prob"], regions[key]["cls_prob"])
+    assert data["val"][0]["captions"] == ["a dog number 3 runs", "the cat 3 sits"]
+    assert data["val"][0]["raw_captions"] == ["A dog number 3 runs.", "The cat 3 sits!"]
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a dog runs")["input_ids"]) == [
+        "[BOS]",
+        "a",
+        "dog",
+        "runs",
+        "[EOS]",
+    ]
+    meta = read_meta(out)
+    assert meta["kind"] == "karpathy" and meta["feat_dim"] == DIM and meta["cls_dim"] == 5
+    assert meta["num_rows"] == {"train": 3, "val": 2, "test": 1}
+    assert data["train"].cache_files  # memory-mapped from the output directory
+
+
+def test_float16_storage_and_small_chunks_give_same_rows(tmp_path):
+    annotations, feats, regions = karpathy_fixture(tmp_path)
+    out = convert_karpathy(
+        annotations, feats, tmp_path / "f16", dtype="float16", chunk_bytes=1, progress=False
+    )
+    table = load_from_disk(str(out))["train"]
+    assert table.data.table.column("features").num_chunks == 3  # one row per chunk
+    features = ImageDataset(table)[1]["features"]
+    assert features.dtype == np.float16
+    np.testing.assert_array_equal(features, regions["101"]["features"].astype(np.float16))
+
+
+def test_single_array_npz_is_features_only(tmp_path):
+    annotations, feats, regions = karpathy_fixture(tmp_path)
+    for key, arrays in regions.items():
+        np.savez(feats / f"{key}.npz", arrays["features"])
+    data = load_from_disk(str(convert_karpathy(annotations, feats, tmp_path / "o", progress=False)))
+    item = ImageDataset(data["test"])[0]
+    np.testing.assert_array_equal(item["features"], regions["105"]["features"])
+    assert not item["boxes"].any()
+
+
+def b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, np.float32)).decode()
+
+
+def test_bottom_up_tsv_and_hdf5_readers_match_npz(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    regions = write_npz(tmp_path / "npz", ["7", "8"], cls_dim=3)
+    tsv = tmp_path / "feats.tsv"
+    with open(tsv, "w") as handle:
+        for key, r in regions.items():
+            fields = [key, "640", "480", str(len(r["features"])), b64(r["boxes"])]
+            handle.write("\t".join([*fields, b64(r["features"])]) + "\n")
+    with h5py.File(tmp_path / "feats.hdf5", "w") as handle:  # meshed-memory layout
+        for key, r in regions.items():
+            handle[f"{key}_features"] = r["features"]
+            handle[f"{key}_boxes"] = r["boxes"]
+            handle[f"{key}_cls_prob"] = r["cls_prob"]
+    with h5py.File(tmp_path / "groups.h5", "w") as handle:  # one group per image
+        for key, r in regions.items():
+            group = handle.create_group(key)
+            group["features"], group["boxes"] = r["features"], r["boxes"]
+            group.attrs["image_w"], group.attrs["image_h"] = 640, 480
+    sources = (tsv, tmp_path / "feats.hdf5", tmp_path / "groups.h5", tmp_path / "npz")
+    for source in sources:
+        reader = open_features(source)
+        assert sorted(reader.keys()) == ["7", "8"]
+        got = reader.read("8")
+        np.testing.assert_array_equal(got.features, regions["8"]["features"])
+        np.testing.assert_array_equal(got.boxes, regions["8"]["boxes"])
+    assert open_features(tsv).read("7").image_w == 640
+    assert open_features(tmp_path / "groups.h5").read("7").image_h == 480
+    assert open_features(tmp_path / "feats.hdf5").read("7").cls_prob.shape == (
+        len(regions["7"]["features"]),
+        3,
+    )
+
+
+def test_karpathy_from_several_tsv_files_via_cli(tmp_path):
+    annotations, _, regions = karpathy_fixture(tmp_path)
+    files = [tmp_path / "up_down.tsv.0", tmp_path / "up_down.tsv.1"]
+    for k, key in enumerate(sorted(regions)):
+        r = regions[key]
+        fields = [key, "640", "480", str(len(r["features"])), b64(r["boxes"]), b64(r["features"])]
+        with open(files[k % 2], "a") as handle:
+            handle.write("\t".join(fields) + "\n")
+    out = tmp_path / "tsv_out"
+    argv = ["karpathy", "--annotations", str(annotations), "--output", str(out), "--quiet"]
+    fields = ["--tsv-fields", "image_id", "image_w", "image_h", "num_boxes", "boxes", "features"]
+    assert convert_main([*argv, *fields, "--features", *map(str, files)]) == 0
+    item = ImageDataset(load_from_disk(str(out))["val"])[1]
+    np.testing.assert_array_equal(item["features"], regions["104"]["features"])
+    expected = location_features(regions["104"]["boxes"], 640, 480)
+    np.testing.assert_allclose(item["boxes"], expected, rtol=1e-6)
+    assert read_meta(out)["feature_format"] == "BottomUpTSV"
+
+
+def vcr_line(img: str, question: list, label: int = 1, **extra) -> str:
+    item = {
+        "question": question,
+        "answer_choices": [["yes"], [[0], "is", "happy"], ["no"], ["maybe", [1, 0]]],
+        "rationale_choices": [["because"], ["so"], [[1], "smiles"], ["why"]],
+        "answer_label": label,
+        "rationale_label": 2,
+        "objects": ["person", "dog"],
+        "img_fn": f"movie/{img}.jpg",
+        "metadata_fn": f"movie/{img}.json",
+        "annot_id": f"a-{img}",
+        **extra,
+    }
+    return json.dumps(item)
+
+
+def test_vcr_round_trip_expands_tags_and_links_regions(tmp_path):
+    (tmp_path / "train.jsonl").write_text(
+        "\n".join(
+            [
+                vcr_line("img1", ["Why", "is", [0], "here", "?"]),
+                vcr_line("img2", ["What", "does", [1, 0], "do", "?"], label=3),
+                vcr_line("img1", ["Is", [1], "ok", "?"]),
+            ]
+        )
+    )
+    (tmp_path / "val.jsonl").write_text(vcr_line("img3", ["Who", "?"]) + "\n")
+    regions = write_npz(tmp_path / "feats" / "movie", ["img1", "img2", "img3"])
+    out = convert_vcr(
+        [tmp_path / "train.jsonl", tmp_path / "val.jsonl"],
+        tmp_path / "feats",
+        tmp_path / "vcr",
+        wordpiece_size=200,
+        progress=False,
+    )
+    data = load_from_disk(str(out))
+    assert list(data) == ["train", "val", "vcr_train", "vcr_val"]
+    assert data["train"]["image_key"] == ["movie/img1", "movie/img2"]
+    questions = data["vcr_train"]
+    assert questions["image_row"] == [0, 1, 0]
+    assert questions[1]["question"] == ["What", "does", "dog", "and", "person", "do", "?"]
+    assert questions[1]["question_tags"] == [-1, -1, 1, -1, 0, -1, -1]
+    assert questions[0]["answer_choices"][3] == ["maybe", "dog", "and", "person"]
+    assert questions[0]["rationale_tags"][2] == [1, -1]
+    assert questions["answer_label"] == [1, 3, 1]
+    row = data["train"][1]
+    np.testing.assert_array_equal(np.array(row["features"]), regions["img2"]["features"])
+    assert read_meta(out)["image_key"] == "img_fn"
+
+
+def test_pairs_round_trip_groups_captions_per_image(tmp_path):
+    (tmp_path / "train.tsv").write_text(
+        "image_id\tcaption\n5.jpg#0\tA red bus.\n6.jpg#0\tTwo dogs play\n5.jpg#1\tA bus, parked.\n"
+    )
+    (tmp_path / "val.jsonl").write_text(json.dumps({"image_id": "7", "caption": "A cat"}) + "\n")
+    write_npz(tmp_path / "feats", ["5", "6", "7"])
+    out = convert_pairs(
+        {"train": tmp_path / "train.tsv", "val": tmp_path / "val.jsonl"},
+        tmp_path / "feats",
+        tmp_path / "pairs",
+        wordpiece_size=120,
+        progress=False,
+    )
+    data = load_from_disk(str(out))
+    assert data["train"]["image_id"] == [5, 6]
+    assert data["train"][0]["captions"] == ["a red bus", "a bus parked"]
+    assert data["val"][0]["captions"] == ["a cat"]
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.cls_token == "[CLS]" and tokenizer.mask_token == "[MASK]"
+
+
+def test_cli_converts_karpathy_and_reports_errors(tmp_path, capsys):
+    annotations, feats, _ = karpathy_fixture(tmp_path)
+    out = tmp_path / "cli"
+    argv = ["karpathy", "--annotations", str(annotations), "--features", str(feats)]
+    assert convert_main([*argv, "--output", str(out), "--min-count", "1", "--quiet"]) == 0
+    assert len(load_from_disk(str(out))["train"]) == 3
+    assert convert_main([*argv, "--output", str(out), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert convert_main([*argv, "--output", str(out), "--quiet", "--overwrite"]) == 0
+
+
+def test_split_writer_rolls_over_shards_that_load_as_one_table(tmp_path):
+    schema = image_table_features(4, captions=False)
+    writer = SplitWriter(tmp_path / "split", schema, chunk_bytes=1, shard_bytes=1)
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "image_id": i,
+            "image_key": str(i),
+            "image_w": 10,
+            "image_h": 10,
+            "num_regions": i + 1,
+            "features": rng.standard_normal((i + 1, 4)).astype(np.float32),
+            "boxes": np.zeros((i + 1, 5), np.float32),
+        }
+        for i in range(4)
+    ]
+    for row in rows:
+        writer.add(row)
+    assert writer.close() == 4
+    assert sorted(p.name for p in (tmp_path / "split").glob("*.arrow")) == [
+        f"data-0000{i}.arrow" for i in range(4)
+    ]
+    table = load_from_disk(str(tmp_path / "split"))
+    images = ImageDataset(table)
+    for row in rows:
+        np.testing.assert_array_equal(images[row["image_id"]]["features"], row["features"])
+    with pytest.raises(ValueError, match=r"lacks columns \['boxes'\]"):
+        writer.add({k: v for k, v in rows[0].items() if k != "boxes"})
+
+
+def test_cli_builds_the_synthetic_set(tmp_path, capsys):
+    argv = ["synthetic", "--output", str(tmp_path), "--num-train", "6", "--num-val", "2"]
+    assert convert_main([*argv, "--num-test", "2", "--feat-dim", "32"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    data = load_from_disk(str(path))
+    assert [len(data[s]) for s in ("train", "val", "test")] == [6, 2, 2]
+    assert read_meta(path)["config"]["feat_dim"] == 32
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_feature_file_names_the_path_and_leaves_no_output(tmp_path):
+    annotations, feats, _ = karpathy_fixture(tmp_path)
+    (feats / "104.npz").unlink()
+    out = tmp_path / "out"
+    expected = rf"missing feature file {feats / '104.npz'} for image '104'"
+    with pytest.raises(FeatureFileNotFoundError, match=expected):
+        convert_karpathy(annotations, feats, out, progress=False)
+    assert not out.exists()
+    assert list(tmp_path.glob(".out*")) == []  # the temporary directory is gone too
+
+
+def test_wrong_feature_shape_says_got_and_expected(tmp_path):
+    annotations, feats, regions = karpathy_fixture(tmp_path)
+    np.savez(feats / "103.npz", features=np.zeros((4, DIM + 1), np.float32))
+    match = r"image '103' in .*feats: features have shape \(4, 17\), expected \(N, 16\)"
+    with pytest.raises(FeatureShapeError, match=match):
+        convert_karpathy(annotations, feats, tmp_path / "out", progress=False)
+    np.savez(feats / "103.npz", features=regions["103"]["features"], boxes=np.zeros((2, 4)))
+    with pytest.raises(FeatureShapeError, match=r"boxes have shape \(2, 4\), expected \(\d+, 4\)"):
+        convert_karpathy(annotations, feats, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_npz_names_the_file(tmp_path):
+    annotations, feats, _ = karpathy_fixture(tmp_path)
+    (feats / "102.npz").write_bytes(b"not a zip file")
+    with pytest.raises(FeatureShapeError, match=r"102.npz: cannot read features for image '102'"):
+        convert_karpathy(annotations, feats, tmp_path / "out", progress=False)
+
+
+def test_feat_dim_option_checks_every_image(tmp_path):
+    annotations, feats, _ = karpathy_fixture(tmp_path)
+    with pytest.raises(FeatureShapeError, match=r"shape \(\d+, 16\), expected \(N, 2048\)"):
+        convert_karpathy(annotations, feats, tmp_path / "out", feat_dim=2048, progress=False)
+
+
+def test_empty_caption_names_file_image_and_sentence(tmp_path):
+    annotations, feats, _ = karpathy_fixture(tmp_path)
+    data = json.loads(annotations.read_text())
+    data["images"][4]["sentences"][1] = {"raw": " ?! ", "tokens": []}
+    annotations.write_text(json.dumps(data))
+    match = (
+        r"dataset_coco.json: image 'COCO_4.jpg' \(imgid 4\) sentence 1: caption ' \?! ' is empty"
+    )
+    with pytest.raises(EmptyCaptionError, match=match):
+        convert_karpathy(annotations, feats, tmp_path / "out", progress=False)
+    pairs = tmp_path / "train.tsv"
+    pairs.write_text("5.jpg#0\tA bus.\n5.jpg#1\t -- \n")
+    match = r"train.tsv:2 \(image '5'\): caption ' -- ' is empty after tokenisation"
+    with pytest.raises(EmptyCaptionError, match=match):
+        convert_pairs({"train": pairs}, feats, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_split_names_the_image(tmp_path):
+    annotations, feats, _ = karpathy_fixture(tmp_path)
+    data = json.loads(annotations.read_text())
+    data["images"][2]["split"] = "dev"
+    annotations.write_text(json.dumps(data))
+    match = r"image 'COCO_2.jpg' \(imgid 2\) has split 'dev'; expected train, val, test or restval"
+    with pytest.raises(UnknownSplitError, match=match):
+        convert_karpathy(annotations, feats, tmp_path / "out", progress=False)
+    with pytest.raises(UnknownSplitError, match=r"unknown split 'dev'"):
+        convert_pairs({"dev": annotations}, feats, tmp_path / "out", progress=False)
+
+
+def test_malformed_json_line_gives_line_number(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(vcr_line("img1", ["Why", "?"]) + "\n\n" + '{"question": ["oops"\n')
+    write_npz(tmp_path / "feats" / "movie", ["img1"])
+    with pytest.raises(MalformedLineError, match=r"train.jsonl:3: malformed JSON line"):
+        convert_vcr([path], tmp_path / "feats", tmp_path / "out", progress=False)
+    path.write_text(vcr_line("img1", ["Why", [5], "?"]) + "\n")
+    with pytest.raises(MalformedLineError, match=r"train.jsonl:1: tag 5 does not index the 2"):
+        convert_vcr([path], tmp_path / "feats", tmp_path / "out", progress=False)
+    pairs = tmp_path / "cc.jsonl"
+    pairs.write_text('{"image_id": "1", "caption": "a"}\n{"image_id": 2, "capt\n')
+    with pytest.raises(MalformedLineError, match=r"cc.jsonl:2: malformed JSON line"):
+        convert_pairs({"train": pairs}, tmp_path / "feats", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_vcr_objects_without_regions_are_an_error(tmp_path):
+    path = tmp_path / "val.jsonl"
+    path.write_text(vcr_line("img1", ["Why", "?"], annot_id="val-7") + "\n")
+    folder = tmp_path / "feats" / "movie"
+    folder.mkdir(parents=True)
+    np.savez(folder / "img1.npz", features=np.ones((1, DIM), np.float32))
+    match = r"vcr_val question val-7: 2 objects but image 'movie/img1' has 1 regions"
+    with pytest.raises(FeatureShapeError, match=match):
+        convert_vcr([path], tmp_path / "feats", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_image_in_tsv_names_image_and_files(tmp_path):
+    tsv = tmp_path / "f.tsv"
+    tsv.write_text("1\t10\t10\t1\t" + base64.b64encode(np.zeros(4, np.float32)).decode() + "\t")
+    with pytest.raises(FeatureFileNotFoundError, match=r"image '2' not found in feature files"):
+        open_features(tsv).read("2")
+    with pytest.raises(FeatureFileNotFoundError, match=r"feature path .*nope.h5 does not exist"):
+        open_features(tmp_path / "nope.h5")
