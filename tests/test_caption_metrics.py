@@ -1,0 +1,208 @@
+"""Caption metrics equal coco-caption's (pycocoevalcap) on real Flickr8k captions."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xmodaler_accel.metrics import SPICE_UNAVAILABLE, score_captions, tokenize_lines
+from xmodaler_accel.metrics import meteor as meteor_module
+from xmodaler_accel.metrics.rouge import lcs_length
+
+FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+needs_flickr8k = pytest.mark.skipif(not FLICKR8K.exists(), reason=f"{FLICKR8K} is absent")
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed")
+TOL = 1e-6
+
+# Raw captions in the styles people and models write (not pre-tokenised like Flickr8k).
+RAW_CAPTIONS = [
+    "A man's dog isn't running; it can't, won't and cannot run!",
+    "The dogs' owners said \"hello\" to the 'kids' (and the cat) [maybe] {yes}.",
+    "A t-shirt costs $5.50 or \u00a33 or 1,000 dollars at 3:30 p.m. on 12/25/2013 & more.",
+    "Mr. Smith and Dr. Jones went to the U.S. with St. Louis fans etc.",
+    "He's gonna wanna gotta lemme gimme do it -- now - ok?!",
+    "It's 50% off... and/or 3*4 = twelve; e.g. here.",
+    "A woman holding an umbrella.A man.",
+    "A 10.5-inch pizza, 1/2 off, 3 1/2 cups, 12-3, 3:00pm.",
+    "caf\u00e9 na\u00efve \u201cfancy\u201d quotes \u2014 dash \u2026 end \u2019s",
+    "A letter A.",
+    "The group of people. A boy in a red shirt.",
+    "Red racing ol' car on track ... blowing smoke mid-air.;",
+    "",
+    "...",
+]
+
+
+def _flickr8k(split: str) -> dict[str, list[str]]:
+    """Captions of one split: {image: [5 captions]}."""
+    captions: dict[str, list[str]] = {}
+    for line in (FLICKR8K / "Flickr8k.token.txt").read_text(encoding="utf8").splitlines():
+        key, caption = line.split("\t")
+        captions.setdefault(key.split("#")[0], []).append(caption)
+    names = (FLICKR8K / f"Flickr_8k.{split}Images.txt").read_text().split()
+    return {name: captions[name] for name in names if name in captions}
+
+
+@pytest.fixture(scope="module")
+def test_split() -> dict[str, list[str]]:
+    if not FLICKR8K.exists():
+        pytest.skip(f"{FLICKR8K} is absent")
+    return _flickr8k("test")
+
+
+def _candidates(split: dict[str, list[str]], mode: str) -> tuple[dict, dict]:
+    """Each image's first caption (or a shuffled image's) against its other four."""
+    images = list(split)
+    donors = images[:]
+    random.Random(0).shuffle(donors)
+    pick = dict(zip(images, donors)) if mode == "shuffled" else {i: i for i in images}
+    return {i: split[pick[i]][0] for i in images}, {i: split[i][1:] for i in images}
+
+
+def _coco_caption(preds: dict, refs: dict, with_meteor: bool = False) -> dict[str, float]:
+    """pycocoevalcap's own pipeline: Java PTB tokeniser, then its scorers."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    gts = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+    res = PTBTokenizer().tokenize({k: [{"caption": v}] for k, v in preds.items()})
+    if with_meteor:
+        return {"METEOR": Meteor().compute_score(gts, res)[0]}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out = {f"Bleu_{k + 1}": b for k, b in enumerate(bleu)}
+    out["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+    out["CIDEr"] = Cider().compute_score(gts, res)[0]
+    return out
+
+
+@needs_java
+def test_ptb_tokenizer_matches_coco_caption_token_for_token(test_split):
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    captions = [c for caps in test_split.values() for c in caps] + RAW_CAPTIONS
+    java = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
+    ours = tokenize_lines(captions)
+    mismatches = [(c, java[i][0], ours[i]) for i, c in enumerate(captions) if java[i][0] != ours[i]]
+    assert not mismatches, mismatches[:5]
+    assert len(captions) >= 5000
+
+
+@needs_java
+@pytest.mark.parametrize("mode", ["first_vs_rest", "shuffled"])
+def test_bleu_rouge_cider_equal_coco_caption_on_flickr8k(test_split, mode):
+    pytest.importorskip("pycocoevalcap")
+    preds, refs = _candidates(test_split, mode)
+    ours = score_captions(preds, refs, ("bleu", "rouge", "cider"))
+    theirs = _coco_caption(preds, refs)
+    assert list(ours) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"]
+    for name, value in theirs.items():
+        assert ours[name] == pytest.approx(value, abs=TOL), name
+
+
+@needs_java
+def test_edge_captions_equal_coco_caption(test_split):
+    pytest.importorskip("pycocoevalcap")
+    images = list(test_split)[:60]
+    odd = ["", ".", "a a a a a a dog dog dog", " ".join(test_split[images[0]]), "The  END!!"]
+    preds = {
+        i: (odd[k] if k < len(odd) else RAW_CAPTIONS[k % len(RAW_CAPTIONS)])
+        for k, i in enumerate(images)
+    }
+    refs = {i: test_split[i] for i in images}
+    ours = score_captions(preds, refs, ("bleu", "rouge", "cider"))
+    for name, value in _coco_caption(preds, refs).items():
+        assert ours[name] == pytest.approx(value, abs=TOL), name
+
+
+@needs_java
+def test_meteor_equals_coco_caption_on_200_captions(test_split):
+    pytest.importorskip("pycocoevalcap")
+    first, refs = _candidates(test_split, "first_vs_rest")
+    shuffled, _ = _candidates(test_split, "shuffled")
+    images = list(test_split)[:200]
+    preds = {i: (first[i] if k % 2 else shuffled[i]) for k, i in enumerate(images)}
+    refs = {i: refs[i] for i in images}
+    ours = score_captions(preds, refs, ("meteor",))
+    assert ours["METEOR"] == pytest.approx(_coco_caption(preds, refs, True)["METEOR"], abs=TOL)
+
+
+def test_meteor_without_java_names_the_problem(monkeypatch):
+    monkeypatch.setattr(meteor_module.shutil, "which", lambda _: None)
+    with pytest.raises(meteor_module.MeteorUnavailable, match="needs Java"):
+        score_captions({1: "a dog"}, {1: ["a dog runs"]}, ("meteor",))
+
+
+def test_spice_is_reported_unavailable_without_failing_the_evaluation():
+    with pytest.warns(RuntimeWarning, match="SPICE unavailable"):
+        scores = score_captions({1: "a dog runs"}, {1: ["a dog runs", "a cat"]}, ("cider", "spice"))
+    assert "SPICE" not in scores and "CIDEr" in scores
+    assert SPICE_UNAVAILABLE.startswith("SPICE unavailable")
+
+
+def test_mismatched_image_ids_are_named():
+    with pytest.raises(ValueError, match="same image ids"):
+        score_captions({1: "a dog"}, {2: ["a dog"]}, ("bleu",))
+    with pytest.raises(ValueError, match="unknown caption metric"):
+        score_captions({1: "a dog"}, {1: ["a dog"]}, ("bluee",))
+
+
+def test_bit_parallel_lcs_equals_dynamic_programming():
+    rng = random.Random(1)
+
+    def dp(a, b):
+        table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+        for i in range(1, len(a) + 1):
+            for j in range(1, len(b) + 1):
+                same = a[i - 1] == b[j - 1]
+                table[i][j] = (
+                    table[i - 1][j - 1] + 1 if same else max(table[i - 1][j], table[i][j - 1])
+                )
+        return table[-1][-1]
+
+    for _ in range(300):
+        a = [rng.choice("abcde") for _ in range(rng.randrange(0, 80))]
+        b = [rng.choice("abcde") for _ in range(rng.randrange(0, 30))]
+        assert lcs_length(a, b) == dp(a, b)
+
+
+def test_evaluate_modules_load_offline_from_package_files():
+    pytest.importorskip("evaluate")
+    preds = ["A dog runs on the grass.", "a man", ""]
+    refs = [["A dog is running on grass .", "the dog runs"], ["a man walks", "A person ."], ["x"]]
+    script = (
+        "import json, sys\n"
+        "from xmodaler_accel.metrics import load_caption_metric\n"
+        "p, r = json.loads(sys.argv[1])\n"
+        "out = {n: load_caption_metric(n).compute(predictions=p, references=r)\n"
+        "       for n in ('caption_bleu', 'caption_rouge', 'caption_cider')}\n"
+        "out['coco'] = load_caption_metric().compute(predictions=p, references=r,\n"
+        "                                            metrics=['bleu', 'rouge', 'cider'])\n"
+        "print(json.dumps(out))\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
+    run = subprocess.run(
+        [sys.executable, "-c", script, json.dumps([preds, refs])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    expected = score_captions(
+        dict(enumerate(preds)), dict(enumerate(refs)), ("bleu", "rouge", "cider")
+    )
+    assert loaded["coco"] == pytest.approx(expected, abs=1e-12)
+    merged = {**loaded["caption_bleu"], **loaded["caption_rouge"], **loaded["caption_cider"]}
+    assert merged == pytest.approx(expected, abs=1e-12)
