@@ -172,6 +172,9 @@ class Engine:
             self.epoch += 1
             self.samples_in_epoch = 0
         self.train_loader.set_epoch(self.epoch)
+        dataset = self.train_loader.dataset
+        if hasattr(dataset, "set_epoch"):  # e.g. per-epoch caption sampling
+            dataset.set_epoch(self.epoch)
         self.sampler.skip(self.samples_in_epoch)
         generator = getattr(self.train_loader, "generator", None)
         if generator is not None:  # worker seeds depend on (seed, epoch, position) only
