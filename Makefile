@@ -21,13 +21,15 @@ install:
 test:
 	$(BIN)/python -m pytest -q tests
 
+LINT_DIRS := $(wildcard src tests recipes examples benchmarks)
+
 lint:
-	$(BIN)/ruff check src tests recipes examples benchmarks
-	$(BIN)/ruff format --check src tests recipes examples benchmarks
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
 
 format:
-	$(BIN)/ruff format src tests recipes examples benchmarks
-	$(BIN)/ruff check --fix src tests recipes examples benchmarks
+	$(BIN)/ruff format $(LINT_DIRS)
+	$(BIN)/ruff check --fix $(LINT_DIRS)
 
 demo:
 	$(BIN)/python recipes/demo.py
