@@ -1,0 +1,146 @@
+"""Captioning pieces the XE and SCST recipes share: config defaults, data, evaluation.
+
+The evaluator decodes a split with beam search, gathers one caption per image from all
+processes (duplicates from padded samplers dropped, coverage checked), scores them with the
+coco-caption metrics on the main process and writes `eval/<split>_step<N>_captions.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import broadcast_object_list
+from torch.utils.data import DataLoader
+
+from .config import DEFAULTS, Config
+from .data import ImageDataset, build_synthetic, collate_images, load_tokenizer, synthetic_dir
+from .evaluation import gather_predictions, write_json_atomic
+from .metrics import score_captions
+
+logger = logging.getLogger(__name__)
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+CAPTION_DEFAULTS: dict[str, Any] = _merged(
+    DEFAULTS,
+    {
+        "train": {
+            # X-modaler: SCHEDULED_SAMPLING.START_EPOCH / INC_EVERY_EPOCH / INC_PROB / MAX_PROB
+            "scheduled_sampling": {"start_epoch": 0, "every": 5, "prob": 0.05, "max_prob": 0.25},
+            "ema_decay": 0.0,  # > 0 evaluates with EMA weights
+        },
+        "eval": {"splits": ["val", "test"], "metrics": ["bleu", "meteor", "rouge", "cider"]},
+        "decode": {"beam_size": 3, "max_len": 20, "length_norm": False},
+        "data": {
+            # "synthetic" builds the embedded scenes; anything else is a converted dataset dir.
+            "source": "synthetic",
+            "cache_dir": "",
+            "max_feat_num": 50,
+            "use_global_v": False,
+            "seq_per_img": 5,
+            "max_seq_len": 20,
+            "synthetic": {"seed": 0, "feat_dim": 256, "num_train": 4000, "num_val": 500,
+                          "num_test": 500},
+        },
+    },
+)
+
+
+def dataset_dir(cfg: Config) -> Path:
+    """The dataset directory (built for the synthetic task on first use, then cached)."""
+    if cfg.data.source == "synthetic":
+        return synthetic_dir(cfg.data.cache_dir or None, **cfg.data.synthetic)
+    path = Path(cfg.data.source)
+    if not path.is_dir():
+        raise FileNotFoundError(f"config key 'data.source': no dataset directory at {path}")
+    return path
+
+
+def open_dataset(cfg: Config):
+    """(DatasetDict memory-mapped, tokenizer) for `data.source`."""
+    from datasets import load_from_disk
+
+    root = dataset_dir(cfg)
+    if cfg.data.source == "synthetic":
+        data = build_synthetic(cfg.data.cache_dir or None, **cfg.data.synthetic)
+    else:
+        data = load_from_disk(str(root))
+    return data, load_tokenizer(root)
+
+
+def image_collate(cfg: Config) -> Callable:
+    return partial(
+        collate_images, max_feat_num=cfg.data.max_feat_num, use_global_v=cfg.data.use_global_v
+    )
+
+
+class CaptionEvaluator:
+    """`evaluator(engine) -> {split: metrics}`: beam-search a split and score it (collective)."""
+
+    def __init__(
+        self,
+        accelerator: Any,
+        table: Any,
+        tokenizer: Any,
+        split: str,
+        *,
+        decode: Callable[[torch.nn.Module, dict], torch.Tensor],
+        collate_fn: Callable,
+        batch_size: int,
+        metrics: Sequence[str],
+    ) -> None:
+        self.accelerator, self.tokenizer, self.split = accelerator, tokenizer, split
+        self.decode, self.metrics = decode, tuple(metrics)
+        loader = DataLoader(
+            ImageDataset(table), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
+        )
+        self.loader = accelerator.prepare_data_loader(loader)
+        self.references = dict(zip(table["image_id"], table["captions"]))
+
+    def predict(self, model: torch.nn.Module) -> dict[int, str]:
+        ids: list[int] = []
+        captions: list[str] = []
+        for batch in self.loader:
+            tokens = self.decode(model, batch)
+            captions += self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
+            ids += batch["image_ids"].tolist()
+        return gather_predictions(self.accelerator, ids, captions, list(self.references))
+
+    def __call__(self, engine: Any) -> dict[str, dict[str, float]]:
+        predictions = self.predict(engine.unwrapped_model)
+        result: list[Any] = [None]
+        if self.accelerator.is_main_process:
+            refs = {i: self.references[i] for i in predictions}
+            result[0] = score_captions(predictions, refs, metrics=self.metrics)
+            path = Path(engine.output_dir) / "eval" / f"{self.split}_step{engine.step}_captions.json"
+            write_json_atomic(path, [{"image_id": i, "caption": c} for i, c in predictions.items()])
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(result)
+        return {self.split: result[0]}
+
+
+def combine(*evaluators: Callable[[Any], dict]) -> Callable[[Any], dict]:
+    """One eval function running several evaluators (e.g. val and test) in order."""
+
+    def evaluate(engine: Any) -> dict:
+        results: dict = {}
+        for evaluator in evaluators:
+            results.update(evaluator(engine))
+        return results
+
+    return evaluate
