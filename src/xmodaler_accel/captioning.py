@@ -46,6 +46,20 @@ CAPTION_DEFAULTS: dict[str, Any] = _merged(
         },
         "eval": {"splits": ["val", "test"], "metrics": ["bleu", "meteor", "rouge", "cider"]},
         "decode": {"beam_size": 3, "max_len": 20, "length_norm": False},
+        # Self-critical training (recipes/scst.py) replaces these XE settings.
+        "scst": {
+            "output_dir": "output/scst",
+            "max_steps": 1000,
+            "batch_size": 10,  # images per process (X-modaler: 10 images x 5 samples)
+            "lr": 2e-5,
+            "eval_every": 500,
+            "sampler": "sample",  # sample | beam
+            "baseline": "greedy",  # greedy | mean | leave_one_out
+            "samples_per_image": 5,
+            "temperature": 1.0,
+            "cider_weight": 1.0,
+            "bleu_weight": 0.0,
+        },
         "data": {
             # "synthetic" builds the embedded scenes; anything else is a converted dataset dir.
             "source": "synthetic",
@@ -54,8 +68,13 @@ CAPTION_DEFAULTS: dict[str, Any] = _merged(
             "use_global_v": False,
             "seq_per_img": 5,
             "max_seq_len": 20,
-            "synthetic": {"seed": 0, "feat_dim": 256, "num_train": 4000, "num_val": 500,
-                          "num_test": 500},
+            "synthetic": {
+                "seed": 0,
+                "feat_dim": 256,
+                "num_train": 4000,
+                "num_val": 500,
+                "num_test": 500,
+            },
         },
     },
 )
@@ -127,7 +146,9 @@ class CaptionEvaluator:
         if self.accelerator.is_main_process:
             refs = {i: self.references[i] for i in predictions}
             result[0] = score_captions(predictions, refs, metrics=self.metrics)
-            path = Path(engine.output_dir) / "eval" / f"{self.split}_step{engine.step}_captions.json"
+            path = (
+                Path(engine.output_dir) / "eval" / f"{self.split}_step{engine.step}_captions.json"
+            )
             write_json_atomic(path, [{"image_id": i, "caption": c} for i, c in predictions.items()])
         if self.accelerator.num_processes > 1:
             broadcast_object_list(result)
@@ -144,3 +165,34 @@ def combine(*evaluators: Callable[[Any], dict]) -> Callable[[Any], dict]:
         return results
 
     return evaluate
+
+
+def training_references(table: Any, tokenizer: Any) -> list[list[list[int]]]:
+    """Token ids of every training caption, per image in table order, without BOS/EOS."""
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+    refs = []
+    for captions in table["captions"]:
+        encoded = tokenizer(list(captions))["input_ids"]
+        refs.append([[t for t in ids if t not in special] for ids in encoded])
+    return refs
+
+
+def build_reward_scorer(cfg: Config, table: Any, tokenizer: Any):
+    """CIDEr-D (+ optional BLEU-4) over the training references; the document frequencies are
+    cached next to the dataset (or in output_dir when that is read-only) and rebuilt if stale."""
+    from .scoring import RewardScorer
+
+    cache_dir = dataset_dir(cfg) / "cider_cache"
+    try:
+        cache_dir.mkdir(exist_ok=True)
+    except OSError:
+        cache_dir = Path(cfg.output_dir) / "cider_cache"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    return RewardScorer.from_corpus(
+        training_references(table, tokenizer),
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        cache_path=cache_dir,
+        cider_weight=cfg.scst.cider_weight,
+        bleu_weight=cfg.scst.bleu_weight,
+    )

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_model, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -229,17 +229,18 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
     if not path.is_file():
         raise CheckpointError(f"model.weights: file not found: {path}")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        # load_model knows the tensors that save_model wrote once for several names (tied weights).
+        missing, unexpected = load_model(model, str(path), strict=False, device="cpu")
     else:
         state = _load_torch(path)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
-    result = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     problems = []
-    if result.missing_keys:
-        problems.append(f"missing keys: {', '.join(result.missing_keys)}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected keys: {', '.join(result.unexpected_keys)}")
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
     if problems and strict:
         raise CheckpointError(f"weights {path} do not match the model; " + "; ".join(problems))
     for problem in problems:

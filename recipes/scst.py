@@ -1,0 +1,136 @@
+"""Self-critical sequence training (X-modaler's RLTrainer / RLBeamTrainer), on Accelerate.
+
+    python recipes/scst.py --config recipes/synthetic.yaml model.weights=<XE checkpoint dir>
+    accelerate launch recipes/scst.py --config recipes/coco.yaml model.weights=<...>
+
+Starts from XE weights and reads the `scst:` section of the same YAML. The reward is CIDEr-D on
+token ids against the training references (document frequencies cached next to the dataset).
+"""
+
+from functools import partial
+
+from xmodaler_accel import Engine, Event, build_train_loader, load_config, load_weights
+from xmodaler_accel.captioning import (
+    CAPTION_DEFAULTS,
+    CaptionEvaluator,
+    build_reward_scorer,
+    combine,
+    image_collate,
+    open_dataset,
+)
+from xmodaler_accel.data import ImageDataset
+from xmodaler_accel.decoding import beam_search
+from xmodaler_accel.hooks import EvalHook
+from xmodaler_accel.models import build_captioner
+from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
+from xmodaler_accel.setup import (
+    attach_default_hooks,
+    attach_writer,
+    default_argument_parser,
+    default_setup,
+)
+from xmodaler_accel.steps import scst_step, scst_time_split
+
+
+def main() -> None:
+    args = default_argument_parser(epilog=__doc__).parse_args()
+    cfg = load_config(args.config, args.opts, defaults=CAPTION_DEFAULTS)
+    # The scst: section replaces the XE run's output dir, length, batch and learning rate.
+    scst = cfg.scst
+    cfg.output_dir, cfg.train.max_steps = scst.output_dir, scst.max_steps
+    cfg.train.batch_size, cfg.eval.every = scst.batch_size, scst.eval_every
+    cfg.optim.lr, cfg.lr_scheduler.name, cfg.lr_scheduler.warmup_steps = scst.lr, "constant", 0
+    if not cfg.model.weights and not args.resume:
+        raise SystemExit("SCST starts from XE weights: pass model.weights=<checkpoint dir>")
+    accelerator = default_setup(cfg, args)
+
+    # Data: one row per image; rewards look up the image's training references by row index.
+    data, tokenizer = open_dataset(cfg)
+    train_loader = build_train_loader(
+        ImageDataset(data["train"]),
+        cfg.train.batch_size,
+        seed=cfg.seed,
+        collate_fn=image_collate(cfg),
+        num_workers=cfg.train.num_workers,
+        drop_last=cfg.train.drop_last,
+    )
+    scorer = build_reward_scorer(cfg, data["train"], tokenizer)
+
+    model = build_captioner(
+        cfg.model.kind,
+        vocab_size=len(tokenizer),
+        feat_dim=len(data["train"][0]["features"][0]),
+        max_len=cfg.decode.max_len,
+        **cfg.model[cfg.model.kind],
+    )
+    if cfg.model.weights:
+        load_weights(model, cfg.model.weights)
+    optimizer = build_optimizer(cfg, model)
+    step = partial(
+        scst_step,
+        scorer=scorer,
+        sampler=scst.sampler,
+        baseline=scst.baseline,
+        samples_per_image=scst.samples_per_image,
+        max_len=cfg.decode.max_len,
+        temperature=scst.temperature,
+    )
+    engine = Engine(
+        accelerator,
+        model,
+        optimizer,
+        train_loader,
+        step,
+        max_steps=cfg.train.max_steps,
+        scheduler=build_lr_scheduler(cfg, optimizer, cfg.train.max_steps),
+        clip_grad=cfg.train.clip_grad.mode,
+        clip_grad_max=cfg.train.clip_grad.max,
+        output_dir=cfg.output_dir,
+        checkpoint_prefix=cfg.checkpoint.prefix,
+        checkpoint_keep=cfg.checkpoint.keep,
+        sync_every=cfg.train.log_every,
+    )
+
+    def decode(model, batch):
+        enc = model.encode(batch["features"], batch["boxes"], batch["region_mask"])
+        return beam_search(
+            model,
+            enc,
+            beam_size=cfg.decode.beam_size,
+            max_len=cfg.decode.max_len,
+            length_norm=float(cfg.decode.length_norm),
+        ).sequences
+
+    evaluate = combine(
+        *(
+            CaptionEvaluator(
+                accelerator,
+                data[split],
+                tokenizer,
+                split,
+                decode=decode,
+                collate_fn=image_collate(cfg),
+                batch_size=cfg.eval.batch_size,
+                metrics=cfg.eval.metrics,
+            )
+            for split in cfg.eval.splits
+        )
+    )
+    if args.eval_only:
+        EvalHook(evaluate, period=0).evaluate(engine)
+        return
+
+    # Hooks: timer, lr, checkpoints, the SCST time split, evaluation, then the writer.
+    attach_default_hooks(engine, cfg)
+    engine.on(Event.STEP_END, scst_time_split)
+    EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start).attach(engine)
+    attach_writer(engine, cfg)
+
+    if args.resume:
+        engine.resume()
+    engine.run()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

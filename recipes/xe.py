@@ -1,0 +1,133 @@
+"""Image captioning with cross-entropy (X-modaler's DefaultTrainer), on Accelerate.
+
+    python recipes/xe.py --config recipes/synthetic.yaml [--resume] [--eval-only] [key=value ...]
+    accelerate launch recipes/xe.py --config recipes/coco.yaml
+
+Reads top to bottom: config, data, model, optimizer, engine, hooks, run. Copy it to start your own.
+"""
+
+from functools import partial
+
+from xmodaler_accel import Engine, build_train_loader, load_config, load_weights
+from xmodaler_accel.captioning import (
+    CAPTION_DEFAULTS,
+    CaptionEvaluator,
+    combine,
+    image_collate,
+    open_dataset,
+)
+from xmodaler_accel.data import CaptionDataset, collate_xe
+from xmodaler_accel.decoding import beam_search
+from xmodaler_accel.hooks import EMA, EvalHook, ScheduledSampling
+from xmodaler_accel.models import build_captioner
+from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
+from xmodaler_accel.setup import (
+    attach_default_hooks,
+    attach_writer,
+    default_argument_parser,
+    default_setup,
+)
+from xmodaler_accel.steps import xe_step
+
+
+def main() -> None:
+    args = default_argument_parser(epilog=__doc__).parse_args()
+    cfg = load_config(args.config, args.opts, defaults=CAPTION_DEFAULTS)
+    accelerator = default_setup(cfg, args)
+
+    # Data: memory-mapped Arrow tables; each image comes with seq_per_img captions.
+    data, tokenizer = open_dataset(cfg)
+    train_set = CaptionDataset(
+        data["train"],
+        tokenizer,
+        max_seq_len=cfg.data.max_seq_len,
+        seq_per_img=cfg.data.seq_per_img,
+        seed=cfg.seed,
+    )
+    collate = partial(
+        collate_xe, max_feat_num=cfg.data.max_feat_num, use_global_v=cfg.data.use_global_v
+    )
+    train_loader = build_train_loader(
+        train_set,
+        cfg.train.batch_size,
+        seed=cfg.seed,
+        collate_fn=collate,
+        num_workers=cfg.train.num_workers,
+        drop_last=cfg.train.drop_last,
+    )
+
+    # Model, optimizer, schedule (per optimizer step).
+    model = build_captioner(
+        cfg.model.kind,
+        vocab_size=len(tokenizer),
+        feat_dim=len(data["train"][0]["features"][0]),
+        max_len=cfg.decode.max_len,
+        **cfg.model[cfg.model.kind],
+    )
+    if cfg.model.weights:
+        load_weights(model, cfg.model.weights)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer, cfg.train.max_steps)
+
+    engine = Engine(
+        accelerator,
+        model,
+        optimizer,
+        train_loader,
+        partial(xe_step, label_smoothing=cfg.model.label_smoothing),
+        max_steps=cfg.train.max_steps,
+        scheduler=scheduler,
+        clip_grad=cfg.train.clip_grad.mode,
+        clip_grad_max=cfg.train.clip_grad.max,
+        output_dir=cfg.output_dir,
+        checkpoint_prefix=cfg.checkpoint.prefix,
+        checkpoint_keep=cfg.checkpoint.keep,
+        sync_every=cfg.train.log_every,
+    )
+
+    # Evaluation: beam search over each split, coco-caption metrics.
+    def decode(model, batch):
+        enc = model.encode(batch["features"], batch["boxes"], batch["region_mask"])
+        return beam_search(
+            model,
+            enc,
+            beam_size=cfg.decode.beam_size,
+            max_len=cfg.decode.max_len,
+            length_norm=float(cfg.decode.length_norm),
+        ).sequences
+
+    evaluate = combine(
+        *(
+            CaptionEvaluator(
+                accelerator,
+                data[split],
+                tokenizer,
+                split,
+                decode=decode,
+                collate_fn=image_collate(cfg),
+                batch_size=cfg.eval.batch_size,
+                metrics=cfg.eval.metrics,
+            )
+            for split in cfg.eval.splits
+        )
+    )
+    if args.eval_only:
+        EvalHook(evaluate, period=0).evaluate(engine)
+        return
+
+    # Hooks: timer, lr, checkpoints, scheduled sampling, EMA, evaluation, then the writer.
+    attach_default_hooks(engine, cfg)
+    ss = cfg.train.scheduled_sampling
+    ScheduledSampling(ss.start_epoch, ss.every, ss.prob, ss.max_prob).attach(engine)
+    ema = EMA(cfg.train.ema_decay).attach(engine) if cfg.train.ema_decay > 0 else None
+    EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start, ema=ema).attach(engine)
+    attach_writer(engine, cfg)
+
+    if args.resume:
+        engine.resume()
+    engine.run()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
