@@ -72,9 +72,8 @@ def scst_step(
             scorer.score(images, greedy_tokens.cpu()), tokens.device
         ).repeat_interleave(n)
     else:
-        base = _group_baseline(rewards.view(-1, n), leave_one_out=baseline == "leave_one_out").view(
-            -1
-        )
+        base = _group_baseline(rewards.view(-1, n), leave_one_out=baseline == "leave_one_out")
+        base = base.reshape(-1)
     timings["time_reward"] = time.perf_counter() - start
 
     start = time.perf_counter()
