@@ -9,19 +9,17 @@ token ids against the training references (document frequencies cached next to t
 
 from functools import partial
 
-from xmodaler_accel import Engine, Event, build_train_loader, load_config, load_weights
+from xmodaler_accel import Engine, Event, build_train_loader, load_config
 from xmodaler_accel.captioning import (
     CAPTION_DEFAULTS,
-    CaptionEvaluator,
     build_reward_scorer,
-    combine,
+    caption_evaluation,
+    captioner_from_config,
     image_collate,
     open_dataset,
 )
 from xmodaler_accel.data import ImageDataset
-from xmodaler_accel.decoding import beam_search
 from xmodaler_accel.hooks import EvalHook
-from xmodaler_accel.models import build_captioner
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
 from xmodaler_accel.setup import (
     attach_default_hooks,
@@ -56,15 +54,7 @@ def main() -> None:
     )
     scorer = build_reward_scorer(cfg, data["train"], tokenizer)
 
-    model = build_captioner(
-        cfg.model.kind,
-        vocab_size=len(tokenizer),
-        feat_dim=len(data["train"][0]["features"][0]),
-        max_len=cfg.decode.max_len,
-        **cfg.model[cfg.model.kind],
-    )
-    if cfg.model.weights:
-        load_weights(model, cfg.model.weights)
+    model = captioner_from_config(cfg, tokenizer, data["train"])
     optimizer = build_optimizer(cfg, model)
     step = partial(
         scst_step,
@@ -91,31 +81,7 @@ def main() -> None:
         sync_every=cfg.train.log_every,
     )
 
-    def decode(model, batch):
-        enc = model.encode(batch["features"], batch["boxes"], batch["region_mask"])
-        return beam_search(
-            model,
-            enc,
-            beam_size=cfg.decode.beam_size,
-            max_len=cfg.decode.max_len,
-            length_norm=float(cfg.decode.length_norm),
-        ).sequences
-
-    evaluate = combine(
-        *(
-            CaptionEvaluator(
-                accelerator,
-                data[split],
-                tokenizer,
-                split,
-                decode=decode,
-                collate_fn=image_collate(cfg),
-                batch_size=cfg.eval.batch_size,
-                metrics=cfg.eval.metrics,
-            )
-            for split in cfg.eval.splits
-        )
-    )
+    evaluate = caption_evaluation(cfg, accelerator, data, tokenizer)
     if args.eval_only:
         EvalHook(evaluate, period=0).evaluate(engine)
         return

@@ -3,23 +3,25 @@
     python recipes/xe.py --config recipes/synthetic.yaml [--resume] [--eval-only] [key=value ...]
     accelerate launch recipes/xe.py --config recipes/coco.yaml
 
-Reads top to bottom: config, data, model, optimizer, engine, hooks, run. Copy it to start your own.
+Reads top to bottom: data, model, optimizer, engine, evaluation, hooks, run. Copy it to start
+your own, or import `build` from it (examples/custom_model.py does) to reuse the pieces.
 """
 
+from collections.abc import Callable
 from functools import partial
 
-from xmodaler_accel import Engine, build_train_loader, load_config, load_weights
+import torch
+
+from xmodaler_accel import Engine, build_train_loader, load_config
 from xmodaler_accel.captioning import (
     CAPTION_DEFAULTS,
-    CaptionEvaluator,
-    combine,
-    image_collate,
+    caption_evaluation,
+    captioner_from_config,
     open_dataset,
 )
+from xmodaler_accel.config import Config
 from xmodaler_accel.data import CaptionDataset, collate_xe
-from xmodaler_accel.decoding import beam_search
 from xmodaler_accel.hooks import EMA, EvalHook, ScheduledSampling
-from xmodaler_accel.models import build_captioner
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
 from xmodaler_accel.setup import (
     attach_default_hooks,
@@ -30,11 +32,10 @@ from xmodaler_accel.setup import (
 from xmodaler_accel.steps import xe_step
 
 
-def main() -> None:
-    args = default_argument_parser(epilog=__doc__).parse_args()
-    cfg = load_config(args.config, args.opts, defaults=CAPTION_DEFAULTS)
-    accelerator = default_setup(cfg, args)
-
+def build(
+    cfg: Config, accelerator, model: torch.nn.Module | None = None
+) -> tuple[Engine, Callable]:
+    """The XE engine and its evaluation function; `model` replaces the configured captioner."""
     # Data: memory-mapped Arrow tables; each image comes with seq_per_img captions.
     data, tokenizer = open_dataset(cfg)
     train_set = CaptionDataset(
@@ -56,19 +57,10 @@ def main() -> None:
         drop_last=cfg.train.drop_last,
     )
 
-    # Model, optimizer, schedule (per optimizer step).
-    model = build_captioner(
-        cfg.model.kind,
-        vocab_size=len(tokenizer),
-        feat_dim=len(data["train"][0]["features"][0]),
-        max_len=cfg.decode.max_len,
-        **cfg.model[cfg.model.kind],
-    )
-    if cfg.model.weights:
-        load_weights(model, cfg.model.weights)
+    # Model (or the one given), optimizer, schedule (stepped once per optimizer step).
+    model = model or captioner_from_config(cfg, tokenizer, data["train"])
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer, cfg.train.max_steps)
-
     engine = Engine(
         accelerator,
         model,
@@ -84,45 +76,30 @@ def main() -> None:
         checkpoint_keep=cfg.checkpoint.keep,
         sync_every=cfg.train.log_every,
     )
+    # Evaluation: beam search over each of eval.splits, coco-caption metrics.
+    evaluate = caption_evaluation(cfg, accelerator, data, tokenizer)
+    return engine, evaluate
 
-    # Evaluation: beam search over each split, coco-caption metrics.
-    def decode(model, batch):
-        enc = model.encode(batch["features"], batch["boxes"], batch["region_mask"])
-        return beam_search(
-            model,
-            enc,
-            beam_size=cfg.decode.beam_size,
-            max_len=cfg.decode.max_len,
-            length_norm=float(cfg.decode.length_norm),
-        ).sequences
 
-    evaluate = combine(
-        *(
-            CaptionEvaluator(
-                accelerator,
-                data[split],
-                tokenizer,
-                split,
-                decode=decode,
-                collate_fn=image_collate(cfg),
-                batch_size=cfg.eval.batch_size,
-                metrics=cfg.eval.metrics,
-            )
-            for split in cfg.eval.splits
-        )
-    )
-    if args.eval_only:
-        EvalHook(evaluate, period=0).evaluate(engine)
-        return
-
-    # Hooks: timer, lr, checkpoints, scheduled sampling, EMA, evaluation, then the writer.
+def attach_hooks(engine: Engine, cfg: Config, evaluate: Callable) -> None:
+    """Timer, lr, checkpoints, scheduled sampling, EMA and evaluation (add the writer last)."""
     attach_default_hooks(engine, cfg)
     ss = cfg.train.scheduled_sampling
     ScheduledSampling(ss.start_epoch, ss.every, ss.prob, ss.max_prob).attach(engine)
     ema = EMA(cfg.train.ema_decay).attach(engine) if cfg.train.ema_decay > 0 else None
     EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start, ema=ema).attach(engine)
-    attach_writer(engine, cfg)
 
+
+def main() -> None:
+    args = default_argument_parser(epilog=__doc__).parse_args()
+    cfg = load_config(args.config, args.opts, defaults=CAPTION_DEFAULTS)
+    accelerator = default_setup(cfg, args)
+    engine, evaluate = build(cfg, accelerator)
+    if args.eval_only:
+        EvalHook(evaluate, period=0).evaluate(engine)
+        return
+    attach_hooks(engine, cfg, evaluate)
+    attach_writer(engine, cfg)
     if args.resume:
         engine.resume()
     engine.run()

@@ -21,6 +21,8 @@ def test_argument_parser_takes_flags_and_trailing_overrides():
     )
     assert args.config == "c.yaml" and args.resume and not args.eval_only
     assert args.num_gpus == 2 and args.opts == ["train.max_steps=5", "optim.lr=0.1"]
+    late = default_argument_parser().parse_args(["--config", "c.yaml", "a.b=1", "--resume", "c=2"])
+    assert late.resume and late.opts == ["a.b=1", "c=2"]
 
 
 def test_launch_spawns_processes_that_form_one_group(tmp_path):

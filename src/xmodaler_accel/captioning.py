@@ -196,3 +196,56 @@ def build_reward_scorer(cfg: Config, table: Any, tokenizer: Any):
         cider_weight=cfg.scst.cider_weight,
         bleu_weight=cfg.scst.bleu_weight,
     )
+
+
+def feature_dim(table: Any) -> int:
+    """Region feature size of an image table (read from its schema, not from the data)."""
+    return int(table.features["features"].shape[1])
+
+
+def captioner_from_config(cfg: Config, tokenizer: Any, table: Any) -> torch.nn.Module:
+    """The `model.kind` captioner sized by `model.<kind>`, with `model.weights` loaded if set."""
+    from .checkpoint import load_weights
+    from .models import build_captioner
+
+    model = build_captioner(
+        cfg.model.kind,
+        vocab_size=len(tokenizer),
+        feat_dim=feature_dim(table),
+        max_len=cfg.decode.max_len,
+        **cfg.model[cfg.model.kind],
+    )
+    if cfg.model.weights:
+        load_weights(model, cfg.model.weights)
+    return model
+
+
+def caption_evaluation(cfg: Config, accelerator: Any, data: Any, tokenizer: Any) -> Callable:
+    """`evaluate(engine) -> {split: metrics}` over `eval.splits` with `decode.*` beam search."""
+    from .decoding import beam_search
+
+    def decode(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        enc = model.encode(batch["features"], batch["boxes"], batch["region_mask"])
+        return beam_search(
+            model,
+            enc,
+            beam_size=cfg.decode.beam_size,
+            max_len=cfg.decode.max_len,
+            length_norm=float(cfg.decode.length_norm),
+        ).sequences
+
+    return combine(
+        *(
+            CaptionEvaluator(
+                accelerator,
+                data[split],
+                tokenizer,
+                split,
+                decode=decode,
+                collate_fn=image_collate(cfg),
+                batch_size=cfg.eval.batch_size,
+                metrics=cfg.eval.metrics,
+            )
+            for split in cfg.eval.splits
+        )
+    )

@@ -27,11 +27,16 @@ logger = logging.getLogger("xmodaler_accel")
 DIST_TIMEOUT_ENV = "XMODALER_DIST_TIMEOUT_S"
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Flags may come after the overrides (`... train.max_steps=9 --resume`)."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        return self.parse_intermixed_args(args, namespace)
+
+
 def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParser:
-    """`--config`, `--resume`, `--eval-only`, launch options and trailing `key=value` overrides."""
-    parser = argparse.ArgumentParser(
-        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    """`--config`, `--resume`, `--eval-only`, launch options and `key=value` overrides."""
+    parser = _IntermixedParser(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "--config-file", dest="config", required=True, help="YAML")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="evaluate model.weights and exit")
@@ -40,7 +45,7 @@ def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParse
     parser.add_argument("--machine-rank", type=int, default=0)
     parser.add_argument("--dist-url", default="auto", help="tcp://host:port of machine 0, or auto")
     parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, help="config overrides: train.max_steps=100"
+        "opts", nargs="*", help="config overrides: train.max_steps=100"
     )
     return parser
 
