@@ -174,3 +174,44 @@ def test_example_wandb_sweep_parameters_are_recipe_keys(xe_run, tmp_path):
         chosen.append(f"{key}={value}")
     run(sweep["program"], f"output_dir={tmp_path}", *chosen, cache=xe_run / "cache")
     assert (tmp_path / "eval" / "val_step6.json").is_file()
+
+
+def test_xe_with_wandb_offline_logs_a_caption_table(xe_run, tmp_path):
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "recipes/xe.py"),
+            "--config",
+            str(REPO / "recipes/synthetic.yaml"),
+            *TINY,
+            f"data.cache_dir={xe_run / 'cache'}",
+            f"output_dir={tmp_path}",
+            "logging.wandb.project=xa-test",
+        ],
+        env=subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record_file,) = (tmp_path / "wandb").glob("offline-run-*/*.wandb")
+    records = record_file.read_bytes()
+    assert b"val/samples" in records and b"val/CIDEr" in records
+
+
+def test_coco_config_parses_and_builds_its_model_on_2048d_features(tmp_path):
+    from xmodaler_accel import load_config
+    from xmodaler_accel.captioning import CAPTION_DEFAULTS, captioner_from_config
+    from xmodaler_accel.data import build_synthetic, load_tokenizer, synthetic_dir
+
+    cfg = load_config(REPO / "recipes/coco.yaml", defaults=CAPTION_DEFAULTS)
+    params = dict(num_train=8, num_val=4, num_test=4, feat_dim=2048)
+    data = build_synthetic(tmp_path, **params)
+    model = captioner_from_config(
+        cfg, load_tokenizer(synthetic_dir(tmp_path, **params)), data["train"]
+    )
+    assert sum(p.numel() for p in model.parameters()) > 40_000_000  # d512, 6+6 layers
+    assert cfg.lr_scheduler.name == "noam" and cfg.train.clip_grad.mode == "value"
+    assert cfg.scst.lr == 1e-5 and cfg.decode.beam_size == 2

@@ -150,9 +150,26 @@ class CaptionEvaluator:
                 Path(engine.output_dir) / "eval" / f"{self.split}_step{engine.step}_captions.json"
             )
             write_json_atomic(path, [{"image_id": i, "caption": c} for i, c in predictions.items()])
+            self.log_samples(predictions, engine.step)
         if self.accelerator.num_processes > 1:
             broadcast_object_list(result)
         return {self.split: result[0]}
+
+    def log_samples(self, predictions: dict[int, str], step: int, count: int = 16) -> None:
+        """A W&B table of sample captions with their references, when W&B is logging."""
+        trackers = {t.name: t for t in self.accelerator.trackers}
+        if "wandb" not in trackers:
+            return
+        rows = [
+            [image_id, caption, " | ".join(self.references[image_id])]
+            for image_id, caption in list(predictions.items())[:count]
+        ]
+        trackers["wandb"].log_table(
+            f"{self.split}/samples",
+            columns=["image_id", "caption", "references"],
+            data=rows,
+            step=step,
+        )
 
 
 def combine(*evaluators: Callable[[Any], dict]) -> Callable[[Any], dict]:
