@@ -1,0 +1,48 @@
+"""Models: the captioners (Transformer, Up-Down) behind one contract, and their shared pieces.
+
+`build_captioner("transformer" | "updown", vocab_size=..., feat_dim=..., **sizes)` builds one;
+see `CaptionModel` for the interface decoding, steps and recipes use.
+"""
+
+from typing import Any
+
+from .captioning import (
+    IGNORE_INDEX,
+    CaptionModel,
+    DecoderState,
+    EncoderOutput,
+    TokenEmbedding,
+    VisualEmbedding,
+    label_smoothed_loss,
+    masked_mean,
+)
+from .transformer import TransformerCaptioner
+from .updown import UpDownCaptioner
+
+CAPTIONERS: dict[str, type[CaptionModel]] = {
+    "transformer": TransformerCaptioner,
+    "updown": UpDownCaptioner,
+}
+
+
+def build_captioner(kind: str, *, vocab_size: int, feat_dim: int, **sizes: Any) -> CaptionModel:
+    """A captioner of `kind` ("transformer" or "updown"); `sizes` go to its constructor."""
+    if kind not in CAPTIONERS:
+        raise ValueError(f"unknown captioner kind {kind!r}; expected one of {sorted(CAPTIONERS)}")
+    return CAPTIONERS[kind](vocab_size, feat_dim, **sizes)
+
+
+__all__ = [
+    "CAPTIONERS",
+    "IGNORE_INDEX",
+    "CaptionModel",
+    "DecoderState",
+    "EncoderOutput",
+    "TokenEmbedding",
+    "TransformerCaptioner",
+    "UpDownCaptioner",
+    "VisualEmbedding",
+    "build_captioner",
+    "label_smoothed_loss",
+    "masked_mean",
+]
