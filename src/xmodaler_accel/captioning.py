@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .config import DEFAULTS, Config
 from .data import ImageDataset, build_synthetic, collate_images, load_tokenizer, synthetic_dir
@@ -134,7 +135,13 @@ class CaptionEvaluator:
     def predict(self, model: torch.nn.Module) -> dict[int, str]:
         ids: list[int] = []
         captions: list[str] = []
-        for batch in self.loader:
+        progress = tqdm(
+            self.loader,
+            desc=f"eval {self.split}",
+            leave=False,
+            disable=not self.accelerator.is_local_main_process,
+        )
+        for batch in progress:
             tokens = self.decode(model, batch)
             captions += self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
             ids += batch["image_ids"].tolist()
