@@ -41,7 +41,7 @@ from .store import (
 from .tokenizer import build_word_vocab, save_tokenizer, train_wordpiece
 from .vcr import vcr_row
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: count templates always carry a grounded detail
 SPLITS = ("train", "val", "test")
 NUM_CLASSES = len(SHAPES) + 1  # background + shapes
 _ID_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}
