@@ -102,9 +102,7 @@ def relax_at_sync_points(engine: Engine) -> None:
 
 def syncing_step(engine: Engine, batch) -> dict[str, torch.Tensor]:
     out = step(engine, batch)
-    # A device-to-host copy inside the step: the check must catch it. (torch 2.11's sync debug
-    # mode did not flag .item() or a 0-d .tolist() here; the CPU test in tests/test_engine.py
-    # patches those and fails on them.)
+    # A device-to-host copy inside the step: the check must catch it.
     out["abs_err"].detach().cpu()
     return out
 
