@@ -44,9 +44,7 @@ def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParse
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0)
     parser.add_argument("--dist-url", default="auto", help="tcp://host:port of machine 0, or auto")
-    parser.add_argument(
-        "opts", nargs="*", help="config overrides: train.max_steps=100"
-    )
+    parser.add_argument("opts", nargs="*", help="config overrides: train.max_steps=100")
     return parser
 
 
