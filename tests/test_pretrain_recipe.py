@@ -1,0 +1,139 @@
+"""recipes/pretrain.py end to end: output contract, exact resume, fine-tuning recipes load it."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, assert_bitwise_equal, load_final_state, subprocess_env
+from xmodaler_accel.checkpoint import latest_checkpoint
+from xmodaler_accel.data import synthetic_dir
+
+SYNTHETIC = {"seed": 0, "feat_dim": 16, "num_train": 40, "num_val": 8, "num_test": 0}
+RECIPES = REPO / "recipes"
+SINGLE = {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}
+CAPTIONER = {"d_model": 32, "num_heads": 2, "num_encoder_layers": 1, "num_decoder_layers": 1}
+CAPTIONER["ffn_dim"] = 64
+SIZES = [f"model.single_stream.{k}={v}" for k, v in SINGLE.items()]
+SIZES += [f"model.transformer.{k}={v}" for k, v in CAPTIONER.items()]
+# 200 pairs, 8 per step: 25 steps per epoch; checkpoints every 4 steps, 32 steps in all.
+SMALL = [
+    "train.batch_size=8",
+    "train.max_steps=32",
+    "train.log_every=4",
+    "eval.every=16",
+    "eval.batch_size=16",
+    "checkpoint.every=4",
+    "checkpoint.keep=2",
+    "pretrain.eval_pairs=24",
+    *SIZES,
+]
+METRICS = {"mlm_acc", "caption_acc", "mrm_acc", "itm_acc", "mlm_acc_s2", "caption_acc_s2"}
+METRICS.add("mrm_acc_s2")
+
+# The recipe's own hooks plus a SIGKILL at the end of step $KILL_AT (tests/test_resume.py's way).
+RUNNER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv.pop(1))
+import pretrain as recipe
+from xmodaler_accel import Event, load_config
+from xmodaler_accel.setup import attach_writer, default_argument_parser, default_setup
+
+args = default_argument_parser().parse_args()
+cfg = load_config(args.config, args.opts, defaults=recipe.PRETRAIN_DEFAULTS)
+accelerator = default_setup(cfg, args)
+engine, evaluate = recipe.build(cfg, accelerator)
+recipe.attach_hooks(engine, cfg, evaluate)
+if "KILL_AT" in os.environ:
+    kill = lambda engine: os.kill(os.getpid(), signal.SIGKILL)
+    engine.on(Event.STEP_END, kill, once=int(os.environ["KILL_AT"]))
+attach_writer(engine, cfg)
+if args.resume:
+    engine.resume()
+engine.run()
+"""
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "pretrain_cache"
+    synthetic_dir(root, **SYNTHETIC)
+    return root
+
+
+def run(script, config, cache, output_dir, *overrides, env=None, pre=()):
+    data = [f"data.synthetic.{k}={v}" for k, v in SYNTHETIC.items()]
+    cmd = [sys.executable, str(script), *pre, "--config", str(config)]
+    cmd += [f"output_dir={output_dir}", f"data.cache_dir={cache}", *data, *overrides]
+    return subprocess.run(
+        cmd, env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=300
+    )
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pretrained(cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    config = RECIPES / "synthetic_pretrain.yaml"
+    ok(run(RECIPES / "pretrain.py", config, cache_dir, out, *SMALL))
+    return out
+
+
+def test_pretraining_writes_metrics_checkpoints_and_fine_tuning_weights(pretrained):
+    for name in (
+        "config.yaml",
+        "log.txt",
+        "metrics.jsonl",
+        "checkpoints/step_32/model.safetensors",
+    ):
+        assert (pretrained / name).is_file(), name
+    for target in ("retrieval", "vcr", "encoder", "captioner"):
+        assert (pretrained / "export" / f"{target}.safetensors").is_file(), target
+    result = json.loads((pretrained / "eval/val_step32.json").read_text())
+    assert set(result["metrics"]) == METRICS
+    assert all(0.0 <= v <= 1.0 for v in result["metrics"].values())
+    rows = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
+    logged = set().union(*rows)
+    assert {"loss", "loss_s1", "loss_s2", "loss_mlm", "loss_itm", "mlm_acc", "itm_acc"} <= logged
+
+
+def test_resume_after_kill_in_second_epoch_is_bitwise_exact(pretrained, cache_dir, tmp_path):
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    config, pre = RECIPES / "synthetic_pretrain.yaml", [str(RECIPES)]
+    proc = run(script, config, cache_dir, tmp_path, *SMALL, env={"KILL_AT": "30"}, pre=pre)
+    assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), proc.stderr[-3000:]
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_28"
+    state = json.loads((tmp_path / "checkpoints/step_28/trainer_state.json").read_text())
+    assert (state["epoch"], state["samples_in_epoch"]) == (1, 24)
+    ok(run(script, config, cache_dir, tmp_path, *SMALL, pre=[*pre, "--resume"]))
+    assert_bitwise_equal(
+        load_final_state(tmp_path / "checkpoints/step_32"),
+        load_final_state(pretrained / "checkpoints/step_32"),
+    )
+
+
+def test_retrieval_and_captioning_recipes_load_the_exported_weights(
+    pretrained, cache_dir, tmp_path
+):
+    single = [f"model.single_stream.{k}={v}" for k, v in SINGLE.items()]
+    weights = pretrained / "export" / "retrieval.safetensors"
+    ok(run(
+        RECIPES / "retrieval.py", RECIPES / "synthetic_retrieval.yaml", cache_dir,
+        tmp_path / "retrieval", "model.kind=single_stream", f"model.weights={weights}",
+        "eval.batch_size=64", *single, pre=["--eval-only"],
+    ))  # fmt: skip
+    assert (tmp_path / "retrieval/eval/val_step0.json").is_file()
+    captioner = [f"model.transformer.{k}={v}" for k, v in CAPTIONER.items()]
+    weights = pretrained / "export" / "captioner.safetensors"
+    ok(run(
+        RECIPES / "xe.py", RECIPES / "synthetic.yaml", cache_dir, tmp_path / "xe",
+        f"model.weights={weights}", "eval.splits=[val]", *captioner, pre=["--eval-only"],
+    ))  # fmt: skip
+    assert (tmp_path / "xe/eval/val_step0.json").is_file()
