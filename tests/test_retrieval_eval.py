@@ -46,7 +46,7 @@ SINGLE = Config(
         "pooling": "cls",
     }
 )
-SETTINGS = EvalSettings(batch_size=10, image_chunk=3, similarity_chunk=4)
+SETTINGS = EvalSettings(batch_size=60, image_chunk=3, similarity_chunk=4)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_single_stream_full_scoring_equals_scoring_pair_by_pair(split, models):
 def test_reranking_every_candidate_equals_full_scoring(split, models):
     two, single = models
     accelerator = Accelerator(cpu=True)
-    everything = replace(SETTINGS, rerank_k=split.num_captions)
+    everything = replace(SETTINGS, batch_size=275, rerank_k=split.num_captions)
     images, texts = embed_split(accelerator, two, split, everything)
     reranked, pairs = rerank_ranks(accelerator, single, images, texts, split, everything)
     full, _ = full_ranks(accelerator, single, split, SETTINGS)

@@ -47,7 +47,7 @@ def test_single_stream_hard_negative_recipe_writes_the_output_contract(cache, tm
         "train.max_steps=4",
         "train.log_every=2",
         "eval.every=4",
-        "eval.batch_size=32",
+        "eval.batch_size=512",
         "checkpoint.every=4",
         "model.single_stream.hidden=32",
         "model.single_stream.layers=1",

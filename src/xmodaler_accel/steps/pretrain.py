@@ -291,6 +291,9 @@ def pretrain_step(
     """TDEN's step (module docstring); `loss` is what the engine backpropagates and steps."""
     if two_stage not in TWO_STAGE_MODES:
         raise ValueError(f"pretrain.two_stage: {two_stage!r} is not one of {TWO_STAGE_MODES}")
+    unknown = set(weights or {}) - set(LOSS_NAMES)
+    if unknown:
+        raise ValueError(f"pretrain.loss_weights: unknown {sorted(unknown)}; expected {LOSS_NAMES}")
     weights = {**dict.fromkeys(LOSS_NAMES, 1.0), **(weights or {})}
     losses = {"weights": weights, "smoothing": label_smoothing}
     if two_stage == "summed":
