@@ -1,4 +1,5 @@
-"""Models: the captioners (Transformer, Up-Down) behind one contract, and their shared pieces.
+"""Models: the captioners (Transformer, Up-Down) behind one contract, and their shared pieces;
+the retrieval, VCR and pretraining models (built from `transformers` BERT parts).
 
 `build_captioner("transformer" | "updown", vocab_size=..., feat_dim=..., **sizes)` builds one;
 see `CaptionModel` for the interface decoding, steps and recipes use.
@@ -16,8 +17,11 @@ from .captioning import (
     label_smoothed_loss,
     masked_mean,
 )
+from .pretrain import TDENPretrainModel, build_pretrain_model, export_finetune_weights
+from .retrieval import build_retrieval_model
 from .transformer import TransformerCaptioner
 from .updown import UpDownCaptioner
+from .vcr import VCRModel, build_vcr_model
 
 CAPTIONERS: dict[str, type[CaptionModel]] = {
     "transformer": TransformerCaptioner,
@@ -38,11 +42,17 @@ __all__ = [
     "CaptionModel",
     "DecoderState",
     "EncoderOutput",
+    "TDENPretrainModel",
     "TokenEmbedding",
     "TransformerCaptioner",
     "UpDownCaptioner",
+    "VCRModel",
     "VisualEmbedding",
     "build_captioner",
+    "build_pretrain_model",
+    "build_retrieval_model",
+    "build_vcr_model",
+    "export_finetune_weights",
     "label_smoothed_loss",
     "masked_mean",
 ]
