@@ -35,6 +35,7 @@ from xmodaler_accel.setup import (
     attach_writer,
     default_argument_parser,
     default_setup,
+    engine_options,
 )
 from xmodaler_accel.steps.pretrain import (
     PretrainPairs,
@@ -144,10 +145,7 @@ def build(cfg: Config, accelerator):
     scheduler = build_lr_scheduler(cfg, optimizer, cfg.train.max_steps)
     engine = Engine(
         accelerator, model, optimizer, train_loader, step,
-        max_steps=cfg.train.max_steps, scheduler=scheduler,
-        clip_grad=cfg.train.clip_grad.mode, clip_grad_max=cfg.train.clip_grad.max,
-        output_dir=cfg.output_dir, checkpoint_prefix=cfg.checkpoint.prefix,
-        checkpoint_keep=cfg.checkpoint.keep, sync_every=cfg.train.log_every,
+        scheduler=scheduler, **engine_options(cfg),
     )  # fmt: skip
 
     # Evaluation: accuracies of every head on the first pretrain.eval_pairs pairs of each split.

@@ -27,6 +27,7 @@ from xmodaler_accel.setup import (
     attach_writer,
     default_argument_parser,
     default_setup,
+    engine_options,
 )
 from xmodaler_accel.steps.retrieval import itm_step, retrieval_step
 
@@ -133,14 +134,8 @@ def main() -> None:
         optimizer,
         train_loader,
         step,
-        max_steps=cfg.train.max_steps,
         scheduler=scheduler,
-        clip_grad=cfg.train.clip_grad.mode,
-        clip_grad_max=cfg.train.clip_grad.max,
-        output_dir=cfg.output_dir,
-        checkpoint_prefix=cfg.checkpoint.prefix,
-        checkpoint_keep=cfg.checkpoint.keep,
-        sync_every=cfg.train.log_every,
+        **engine_options(cfg),
     )
 
     # Evaluation: every image against every caption, chunked and split across processes.

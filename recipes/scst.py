@@ -26,6 +26,7 @@ from xmodaler_accel.setup import (
     attach_writer,
     default_argument_parser,
     default_setup,
+    engine_options,
 )
 from xmodaler_accel.steps import scst_step, scst_time_split
 
@@ -71,14 +72,8 @@ def main() -> None:
         optimizer,
         train_loader,
         step,
-        max_steps=cfg.train.max_steps,
         scheduler=build_lr_scheduler(cfg, optimizer, cfg.train.max_steps),
-        clip_grad=cfg.train.clip_grad.mode,
-        clip_grad_max=cfg.train.clip_grad.max,
-        output_dir=cfg.output_dir,
-        checkpoint_prefix=cfg.checkpoint.prefix,
-        checkpoint_keep=cfg.checkpoint.keep,
-        sync_every=cfg.train.log_every,
+        **engine_options(cfg),
     )
 
     evaluate = caption_evaluation(cfg, accelerator, data, tokenizer)

@@ -29,6 +29,7 @@ from xmodaler_accel.setup import (
     attach_writer,
     default_argument_parser,
     default_setup,
+    engine_options,
 )
 from xmodaler_accel.steps.vcr import SecondLoader, VCRTaskDataset, collate_choices, vcr_step
 from xmodaler_accel.vcr_eval import VCRSplit, evaluate_vcr
@@ -132,10 +133,7 @@ def main() -> None:
     step = partial(vcr_step, qar_loader=qar_batches, mode=cfg.vcr.mode)
     engine = Engine(
         accelerator, model, optimizer, qa_loader, step,
-        max_steps=cfg.train.max_steps, scheduler=scheduler,
-        clip_grad=cfg.train.clip_grad.mode, clip_grad_max=cfg.train.clip_grad.max,
-        output_dir=cfg.output_dir, checkpoint_prefix=cfg.checkpoint.prefix,
-        checkpoint_keep=cfg.checkpoint.keep, sync_every=cfg.train.log_every,
+        scheduler=scheduler, **engine_options(cfg),
     )  # fmt: skip
     qar_batches.attach(engine, name="qar_loader")
 

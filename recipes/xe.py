@@ -28,6 +28,7 @@ from xmodaler_accel.setup import (
     attach_writer,
     default_argument_parser,
     default_setup,
+    engine_options,
 )
 from xmodaler_accel.steps import xe_step
 
@@ -67,14 +68,8 @@ def build(
         optimizer,
         train_loader,
         partial(xe_step, label_smoothing=cfg.model.label_smoothing),
-        max_steps=cfg.train.max_steps,
         scheduler=scheduler,
-        clip_grad=cfg.train.clip_grad.mode,
-        clip_grad_max=cfg.train.clip_grad.max,
-        output_dir=cfg.output_dir,
-        checkpoint_prefix=cfg.checkpoint.prefix,
-        checkpoint_keep=cfg.checkpoint.keep,
-        sync_every=cfg.train.log_every,
+        **engine_options(cfg),
     )
     # Evaluation: beam search over each of eval.splits, coco-caption metrics.
     evaluate = caption_evaluation(cfg, accelerator, data, tokenizer)

@@ -169,6 +169,19 @@ def environment_info(accelerator: Accelerator) -> str:
     )
 
 
+def engine_options(cfg: Config) -> dict[str, Any]:
+    """The Engine's keyword arguments that come from the config (`train:`, `checkpoint:`)."""
+    return {
+        "max_steps": cfg.train.max_steps,
+        "clip_grad": cfg.train.clip_grad.mode,
+        "clip_grad_max": cfg.train.clip_grad.max,
+        "output_dir": cfg.output_dir,
+        "checkpoint_prefix": cfg.checkpoint.prefix,
+        "checkpoint_keep": cfg.checkpoint.keep,
+        "sync_every": cfg.train.log_every,
+    }
+
+
 def attach_default_hooks(engine: Any, cfg: Config) -> None:
     """Timer, LR logging, checkpointing; add an EvalHook, then `attach_writer` last."""
     from .hooks import IterationTimer, LRScheduler, PeriodicCheckpointer
