@@ -10,6 +10,7 @@ each pair against in-batch negatives, random or mined by the model (train.hard_n
 Reads top to bottom: config, data, model, step, engine, evaluation, hooks, run.
 """
 
+import logging
 from functools import partial
 
 from datasets import load_from_disk
@@ -30,6 +31,8 @@ from xmodaler_accel.setup import (
     engine_options,
 )
 from xmodaler_accel.steps.retrieval import itm_step, retrieval_step
+
+logger = logging.getLogger("xmodaler_accel.recipes.retrieval")
 
 # The keys this recipe adds to the library's; the YAML files document each one.
 RETRIEVAL_DEFAULTS = {
@@ -119,6 +122,11 @@ def main() -> None:
             retrieval_step, loss=cfg.model.two_stream.loss, margin=cfg.model.two_stream.margin
         )
     else:
+        if cfg.train.hard_negatives and not (cfg.model.weights or args.resume):
+            logger.warning(
+                "train.hard_negatives from random weights: mined negatives carry no signal "
+                "until the model separates pairs; start from model.weights= (see the config)"
+            )
         step = partial(
             itm_step,
             negatives=cfg.train.negatives,
