@@ -211,6 +211,20 @@ class Engine:
         self._accumulate(outputs)
         self.samples_in_epoch += self.global_batch_size
 
+    def inner_update(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """An extra optimizer update from inside a step function, for X-modaler's trainers that
+        update twice per batch (TDEN's two stages, VCR's alternating sub-tasks): backward, clip
+        as the Engine clips, step, zero. Returns the gradient norm when clipping by norm. The
+        Engine still makes the step's own update on the loss the step returns.
+        """
+        if self.accelerator.gradient_accumulation_steps > 1:
+            raise ValueError("an update inside a step function needs train.grad_accum=1")
+        self.accelerator.backward(loss)
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
     def _clip_gradients(self) -> torch.Tensor | None:
         params = self.model.parameters()
         if self.clip_grad == "value":

@@ -262,20 +262,6 @@ def itm_labels(logits: torch.Tensor, pairs: int) -> torch.Tensor:
     return (torch.arange(len(logits), device=logits.device) < pairs).float()
 
 
-def optimizer_step(engine: Any, loss: torch.Tensor) -> torch.Tensor | None:
-    """Backward, clip as the engine does (`engine.clip_grad`), step and zero the optimizer."""
-    accelerator = engine.accelerator
-    accelerator.backward(loss)
-    norm = None
-    if engine.clip_grad == "norm":
-        norm = accelerator.clip_grad_norm_(engine.model.parameters(), engine.clip_grad_max)
-    elif engine.clip_grad == "value":
-        accelerator.clip_grad_value_(engine.model.parameters(), engine.clip_grad_max)
-    engine.optimizer.step()
-    engine.optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
 def _second(metrics: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{name}_s2": value for name, value in metrics.items()}
 
@@ -311,7 +297,7 @@ def pretrain_step(
             "pretrain.two_stage=separate steps the optimizer after each stage and cannot "
             "accumulate gradients (train.grad_accum > 1); use pretrain.two_stage=summed"
         )
-    norm = optimizer_step(engine, loss1)
+    norm = engine.inner_update(loss1)
     (second,) = engine.model(second_stage_batch(batch, first), itm=False)
     loss2, metrics2 = stage_losses(second, batch, itm=False, **losses)
     out = {"loss": loss2, "loss_s1": loss1.detach(), "loss_s2": loss2.detach()}

@@ -242,18 +242,6 @@ def _forward(engine: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Te
     return choice_loss(engine.model(**{k: batch[k] for k in MODEL_INPUTS}), batch["labels"])
 
 
-def _update(engine: Any, loss: torch.Tensor) -> None:
-    """One optimizer update inside a step (alternate mode), clipped as the Engine clips."""
-    engine.accelerator.backward(loss)
-    params = engine.model.parameters()
-    if engine.clip_grad == "norm":
-        engine.accelerator.clip_grad_norm_(params, engine.clip_grad_max)
-    elif engine.clip_grad == "value":
-        engine.accelerator.clip_grad_value_(params, engine.clip_grad_max)
-    engine.optimizer.step()
-    engine.optimizer.zero_grad(set_to_none=True)
-
-
 def vcr_step(
     engine: Any, batch: dict[str, Any], *, qar_loader: SecondLoader, mode: str = "sum"
 ) -> dict[str, torch.Tensor]:
@@ -275,7 +263,7 @@ def vcr_step(
                 "needs train.grad_accum=1 (use vcr.mode=sum to accumulate)"
             )
         qa_loss, qa_acc = _forward(engine, batch)
-        _update(engine, qa_loss)
+        engine.inner_update(qa_loss)
         qar_loss, qar_acc = _forward(engine, qar_loader.next_batch())
         loss = qar_loss  # the Engine backpropagates it and makes the second update
     return {
