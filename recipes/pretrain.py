@@ -178,12 +178,13 @@ def export(engine: Engine, directory: Path) -> None:
     engine.accelerator.wait_for_everyone()
 
 
-def attach_hooks(engine: Engine, cfg: Config, evaluate) -> None:
+def attach_hooks(engine: Engine, cfg: Config, evaluate) -> EvalHook:
     """Timer, lr, checkpoints, evaluation and the export at the end (add the writer last)."""
     attach_default_hooks(engine, cfg)
-    EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start).attach(engine)
+    eval_hook = EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start).attach(engine)
     export_dir = Path(cfg.output_dir) / cfg.pretrain.export_dir
     engine.on(Event.TRAIN_END, partial(export, directory=export_dir))
+    return eval_hook
 
 
 def main() -> None:
@@ -191,15 +192,15 @@ def main() -> None:
     cfg = load_config(args.config, args.opts, defaults=PRETRAIN_DEFAULTS)
     accelerator = default_setup(cfg, args)
     engine, evaluate = build(cfg, accelerator)
-    if args.eval_only:
-        EvalHook(evaluate, period=0).evaluate(engine)
-        export(engine, Path(cfg.output_dir) / cfg.pretrain.export_dir)
-        return
-
-    attach_hooks(engine, cfg, evaluate)
+    eval_hook = attach_hooks(engine, cfg, evaluate)
     attach_writer(engine, cfg)
     if args.resume:
-        engine.resume()
+        engine.resume(evaluate_only=args.eval_only)
+    if args.eval_only:  # the weights of model.weights= or, with --resume, the newest checkpoint
+        eval_hook.evaluate(engine)
+        if args.resume or cfg.model.weights:  # re-export trained weights, never random ones
+            export(engine, Path(cfg.output_dir) / cfg.pretrain.export_dir)
+        return
     engine.run()
     accelerator.end_training()
 

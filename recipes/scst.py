@@ -77,18 +77,17 @@ def main() -> None:
     )
 
     evaluate = caption_evaluation(cfg, accelerator, data, tokenizer)
-    if args.eval_only:
-        EvalHook(evaluate, period=0).evaluate(engine)
-        return
-
     # Hooks: timer, lr, checkpoints, the SCST time split, evaluation, then the writer.
     attach_default_hooks(engine, cfg)
     engine.on(Event.STEP_END, scst_time_split)
-    EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start).attach(engine)
+    eval_hook = EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start).attach(engine)
     attach_writer(engine, cfg)
 
     if args.resume:
-        engine.resume()
+        engine.resume(evaluate_only=args.eval_only)
+    if args.eval_only:  # the weights of model.weights= or, with --resume, the newest checkpoint
+        eval_hook.evaluate(engine)
+        return
     engine.run()
     accelerator.end_training()
 

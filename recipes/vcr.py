@@ -144,15 +144,14 @@ def main() -> None:
             batch_size=cfg.eval.batch_size, collate=collate,
         )  # fmt: skip
 
-    if args.eval_only:
-        EvalHook(evaluate, period=0).evaluate(engine)
-        return
-
     attach_default_hooks(engine, cfg)
-    EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start).attach(engine)
+    eval_hook = EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start).attach(engine)
     attach_writer(engine, cfg)
     if args.resume:
-        engine.resume()
+        engine.resume(evaluate_only=args.eval_only)
+    if args.eval_only:  # the weights of model.weights= or, with --resume, the newest checkpoint
+        eval_hook.evaluate(engine)
+        return
     engine.run()
     accelerator.end_training()
 

@@ -76,13 +76,13 @@ def build(
     return engine, evaluate
 
 
-def attach_hooks(engine: Engine, cfg: Config, evaluate: Callable) -> None:
+def attach_hooks(engine: Engine, cfg: Config, evaluate: Callable) -> EvalHook:
     """Timer, lr, checkpoints, scheduled sampling, EMA and evaluation (add the writer last)."""
     attach_default_hooks(engine, cfg)
     ss = cfg.train.scheduled_sampling
     ScheduledSampling(ss.start_epoch, ss.every, ss.prob, ss.max_prob).attach(engine)
     ema = EMA(cfg.train.ema_decay).attach(engine) if cfg.train.ema_decay > 0 else None
-    EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start, ema=ema).attach(engine)
+    return EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start, ema=ema).attach(engine)
 
 
 def main() -> None:
@@ -90,13 +90,13 @@ def main() -> None:
     cfg = load_config(args.config, args.opts, defaults=CAPTION_DEFAULTS)
     accelerator = default_setup(cfg, args)
     engine, evaluate = build(cfg, accelerator)
-    if args.eval_only:
-        EvalHook(evaluate, period=0).evaluate(engine)
-        return
-    attach_hooks(engine, cfg, evaluate)
+    eval_hook = attach_hooks(engine, cfg, evaluate)
     attach_writer(engine, cfg)
     if args.resume:
-        engine.resume()
+        engine.resume(evaluate_only=args.eval_only)
+    if args.eval_only:  # the weights of model.weights= or, with --resume, the newest checkpoint
+        eval_hook.evaluate(engine)  # with the EMA weights when train.ema_decay > 0
+        return
     engine.run()
     accelerator.end_training()
 

@@ -137,3 +137,41 @@ def test_retrieval_and_captioning_recipes_load_the_exported_weights(
         f"model.weights={weights}", "eval.splits=[val]", *captioner, pre=["--eval-only"],
     ))  # fmt: skip
     assert (tmp_path / "xe/eval/val_step0.json").is_file()
+
+
+def exported(directory):
+    from safetensors.torch import load_file
+
+    return {path.name: load_file(path) for path in sorted(directory.glob("*.safetensors"))}
+
+
+def test_eval_only_re_exports_trained_weights_and_never_random_ones(
+    pretrained, cache_dir, tmp_path
+):
+    import shutil
+
+    import torch
+
+    out = tmp_path / "run"
+    shutil.copytree(pretrained, out)
+    trained = exported(pretrained / "export")
+    config = RECIPES / "synthetic_pretrain.yaml"
+    ok(run(RECIPES / "pretrain.py", config, cache_dir, out, *SMALL, pre=["--eval-only"]))
+    assert (out / "eval/val_step0.json").is_file()  # random weights: evaluated, not exported
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(
+            torch.equal(a[name][k], b[name][k]) for name in a for k in a[name]
+        )
+
+    assert same(exported(out / "export"), trained)
+    shutil.rmtree(out / "export")
+    ok(
+        run(
+            RECIPES / "pretrain.py", config, cache_dir, out, *SMALL, pre=["--eval-only", "--resume"]
+        )
+    )
+    assert same(exported(out / "export"), trained)
+    assert json.loads((out / "eval/val_step32.json").read_text()) == json.loads(
+        (pretrained / "eval/val_step32.json").read_text()
+    )

@@ -110,6 +110,36 @@ def test_xe_eval_only_scores_given_weights(xe_run, tmp_path):
     assert direct == pytest.approx(trained)
 
 
+def test_xe_eval_only_resume_scores_the_newest_checkpoint(xe_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(xe_run / "xe", out)
+    shutil.rmtree(out / "eval")
+    # Another batch size (as another process count would give) is fine for evaluation only.
+    run("recipes/xe.py", "--eval-only", "--resume", "train.batch_size=4",
+        f"output_dir={out}", cache=xe_run / "cache")  # fmt: skip
+    again = json.loads((out / "eval" / "val_step6.json").read_text())["metrics"]
+    trained = json.loads((xe_run / "xe" / "eval" / "val_step6.json").read_text())["metrics"]
+    assert again == pytest.approx(trained)
+
+
+def test_xe_eval_only_resume_without_a_checkpoint_is_an_error(xe_run, tmp_path):
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes/xe.py"),
+        "--config",
+        str(REPO / "recipes/synthetic.yaml"),
+    ]
+    cmd += [*TINY, f"data.cache_dir={xe_run / 'cache'}", f"output_dir={tmp_path}"]
+    proc = subprocess.run(
+        [*cmd, "--eval-only", "--resume"], env=subprocess_env(), capture_output=True, text=True,
+        timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "no complete checkpoint under" in proc.stderr
+
+
 def test_scst_recipe_from_xe_weights_logs_rewards_and_time_split(xe_run):
     out = xe_run / "scst"
     run(

@@ -114,6 +114,18 @@ def test_reranking_every_candidate_equals_full_scoring(split, models):
     assert reranked.metrics() == pytest.approx(full.metrics(), abs=1e-6)
 
 
+@pytest.mark.parametrize("rerank_k", [0, 20])
+def test_no_single_stream_forward_exceeds_the_eval_batch_size(split, models, rerank_k):
+    two, single = models
+    sizes = []
+    single.register_forward_hook(lambda module, args, out: sizes.append(len(out)))
+    settings = replace(SETTINGS, batch_size=30, image_chunk=4, rerank_k=rerank_k)
+    with torch.no_grad():
+        evaluate_retrieval(Accelerator(cpu=True), single, [split], settings, two)
+    # Re-ranking scores image_chunk x k = 80 pairs per image block: split into forwards of 30.
+    assert sizes and max(sizes) <= 30
+
+
 def test_reranking_reports_the_two_stream_candidates_too(split, models):
     two, single = models
     accelerator = Accelerator(cpu=True)

@@ -235,3 +235,23 @@ def test_single_stream_bert_loads_from_a_local_directory(tmp_path):
 def test_missing_bert_directory_names_the_config_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.single_stream.bert_dir"):
         build_bert(vocab_size=50, bert_dir=tmp_path / "nope")
+
+
+def test_a_bert_saved_in_float16_loads_in_float32(tmp_path):
+    saved = build_bert(
+        vocab_size=50, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
+    ).half()
+    saved.save_pretrained(tmp_path)
+    loaded = build_bert(vocab_size=50, bert_dir=tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+
+
+def test_single_stream_scores_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = build_single_stream(SINGLE, feat_dim=12, vocab_size=40, pad_id=0).eval()
+    batch = pair_batch()
+    inputs = {k: v for k, v in batch.items() if k != "image_index"}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model(**inputs)
+    # bf16 scores would tie between close candidates, and R@K counts ties as misses.
+    assert scores.dtype == torch.float32

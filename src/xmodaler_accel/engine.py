@@ -388,11 +388,19 @@ class Engine:
         self.fire(Event.CHECKPOINT)
         return path
 
-    def resume(self, path: str | Path | None = None) -> bool:
-        """Continue from `path` or the newest complete checkpoint; False when there is none."""
+    def resume(self, path: str | Path | None = None, *, evaluate_only: bool = False) -> bool:
+        """Continue from `path` or the newest complete checkpoint; False when there is none.
+
+        `evaluate_only` (`--eval-only --resume`): a missing checkpoint is an error rather than a
+        fresh start, and the batch size or process count may differ from the training run's.
+        """
         path = (
             Path(path) if path else latest_checkpoint(self.checkpoint_dir, self.checkpoint_prefix)
         )
+        if path is None and evaluate_only:
+            raise FileNotFoundError(
+                f"--eval-only --resume: no complete checkpoint under {self.checkpoint_dir}"
+            )
         if path is None:
             logger.info("no checkpoint under %s: starting from scratch", self.checkpoint_dir)
             return False
@@ -403,7 +411,7 @@ class Engine:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
         )
-        if state["global_batch_size"] != self.global_batch_size:
+        if state["global_batch_size"] != self.global_batch_size and not evaluate_only:
             raise ValueError(
                 f"checkpoint {path} was trained with {state['global_batch_size']} samples per "
                 f"micro-step, this run has {self.global_batch_size}: the data position would not "

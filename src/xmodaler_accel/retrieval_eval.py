@@ -172,11 +172,23 @@ def similarity_ranks(
 
 
 @torch.no_grad()
-def score_pairs(model: torch.nn.Module, regions: dict, texts: dict, image_of_pair, text_of_pair):
-    """Single-stream scores of pairs (regions row `image_of_pair[p]`, text row `text_of_pair[p]`)."""
-    inputs = {k: v[image_of_pair] for k, v in regions.items()}
-    inputs.update({k: v[text_of_pair] for k, v in texts.items()})
-    return model(**clip_inputs(inputs)).float()
+def score_pairs(
+    model: torch.nn.Module,
+    regions: dict,
+    texts: dict,
+    image_of_pair: torch.Tensor,
+    text_of_pair: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """Single-stream scores of pairs (regions row `image_of_pair[p]`, text row `text_of_pair[p]`),
+    at most `batch_size` pairs per forward."""
+    scores = []
+    for start in range(0, len(image_of_pair), max(1, batch_size)):
+        rows = slice(start, start + max(1, batch_size))
+        inputs = {k: v[image_of_pair[rows]] for k, v in regions.items()}
+        inputs.update({k: v[text_of_pair[rows]] for k, v in texts.items()})
+        scores.append(model(**clip_inputs(inputs)).float())
+    return torch.cat(scores)
 
 
 @torch.no_grad()
@@ -195,7 +207,7 @@ def full_ranks(
             texts = split.texts(captions, device)
             img = torch.arange(len(chunk), device=device).repeat_interleave(len(captions))
             txt = torch.arange(len(captions), device=device).repeat(len(chunk))
-            scores = score_pairs(model, regions, texts, img, txt)
+            scores = score_pairs(model, regions, texts, img, txt, settings.batch_size)
             ranks.add_block(chunk, captions, scores.view(len(chunk), len(captions)))
             pairs += len(img)
     return merge_ranks(accelerator, ranks, split, settings.ks), pairs
@@ -222,9 +234,8 @@ def rerank_ranks(
         regions = split.regions(chunk, device, settings.max_feat_num)
         candidates = split.texts(top.flatten().cpu(), device)
         img = torch.arange(len(chunk), device=device).repeat_interleave(top.shape[1])
-        scores = score_pairs(
-            model, regions, candidates, img, torch.arange(top.numel(), device=device)
-        )
+        pairs_of = torch.arange(top.numel(), device=device)
+        scores = score_pairs(model, regions, candidates, img, pairs_of, settings.batch_size)
         full = torch.full((len(chunk), split.num_captions), float("-inf"), device=device)
         ranks.add_i2t(chunk, full.scatter_(1, top, scores.view(top.shape)))
         pairs += top.numel()
@@ -233,7 +244,8 @@ def rerank_ranks(
         unique, inverse = top.flatten().unique(return_inverse=True)
         regions = split.regions(unique.tolist(), device, settings.max_feat_num)
         txt = torch.arange(len(chunk), device=device).repeat_interleave(top.shape[1])
-        scores = score_pairs(model, regions, split.texts(chunk, device), inverse, txt)
+        texts_of_chunk = split.texts(chunk, device)
+        scores = score_pairs(model, regions, texts_of_chunk, inverse, txt, settings.batch_size)
         full = torch.full((len(chunk), split.num_images), float("-inf"), device=device)
         ranks.add_t2i(chunk, full.scatter_(1, top, scores.view(top.shape)))
         pairs += top.numel()

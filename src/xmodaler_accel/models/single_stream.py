@@ -130,7 +130,10 @@ class ITMHead(nn.Module):
         self.classifier = nn.Linear(hidden_size, num_outputs)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(self.dropout(pooled))
+        # fp32 under autocast: bf16 keeps 8 bits of mantissa, so close scores would tie, and
+        # R@K counts a tie with the positive as a miss.
+        with torch.autocast(pooled.device.type, enabled=False):
+            logits = self.classifier(self.dropout(pooled.float()))
         return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
 
 
@@ -160,7 +163,8 @@ def build_bert(
                 f"model.single_stream.bert_dir: {path} has no config.json; give a local BERT "
                 "checkpoint directory (downloading from a hub is not supported)"
             )
-        bert = BertModel.from_pretrained(str(path), local_files_only=True)
+        # float32 whatever dtype the checkpoint was saved in (mixed precision is autocast's job)
+        bert = BertModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
         if bert.config.vocab_size < vocab_size:
             raise ValueError(
                 f"BERT at {path} has {bert.config.vocab_size} word embeddings but the tokenizer "

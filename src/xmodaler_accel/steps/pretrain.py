@@ -298,7 +298,9 @@ def pretrain_step(
             "accumulate gradients (train.grad_accum > 1); use pretrain.two_stage=summed"
         )
     norm = engine.inner_update(loss1)
-    (second,) = engine.model(second_stage_batch(batch, first), itm=False)
+    batch2 = second_stage_batch(batch, first)
+    del first  # only its predictions are needed: free the vocabulary-sized logits
+    (second,) = engine.model(batch2, itm=False)
     loss2, metrics2 = stage_losses(second, batch, itm=False, **losses)
     out = {"loss": loss2, "loss_s1": loss1.detach(), "loss_s2": loss2.detach()}
     if norm is not None:
