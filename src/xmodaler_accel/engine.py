@@ -141,6 +141,9 @@ class Engine:
                 while self.step < self.max_steps:
                     self._run_epoch()
                 self.fire(Event.TRAIN_END)
+                # Finish together: end_training() tears the process group down at once, and a
+                # rank that leaves while another still writes can abort in gloo's threads.
+                self.accelerator.wait_for_everyone()
             except BaseException as err:
                 self.exception = err
                 self.fire(Event.EXCEPTION)
