@@ -17,7 +17,7 @@ from datasets import load_from_disk
 
 from xmodaler_accel import Engine, build_train_loader, load_config, load_weights
 from xmodaler_accel.captioning import dataset_dir
-from xmodaler_accel.config import DEFAULTS
+from xmodaler_accel.config import DEFAULTS, ConfigError
 from xmodaler_accel.data import PairDataset, collate_pairs, load_tokenizer
 from xmodaler_accel.hooks import EvalHook
 from xmodaler_accel.models.retrieval import build_retrieval_model, build_two_stream
@@ -112,6 +112,11 @@ def main() -> None:
         load_weights(model, cfg.model.weights)
     reranker = None
     if cfg.retrieval.rerank_k > 0:
+        if not cfg.retrieval.rerank_weights:
+            raise ConfigError(
+                "retrieval.rerank_k > 0 re-ranks a trained two-stream model's top-k: set "
+                "retrieval.rerank_weights to its checkpoint"
+            )
         reranker = build_two_stream(cfg.model.two_stream, **sizes)
         load_weights(reranker, cfg.retrieval.rerank_weights)
         reranker.to(accelerator.device).eval()
