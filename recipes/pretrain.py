@@ -36,6 +36,7 @@ from xmodaler_accel.setup import (
     default_argument_parser,
     default_setup,
     engine_options,
+    run_or_evaluate,
 )
 from xmodaler_accel.steps.pretrain import (
     PretrainPairs,
@@ -194,15 +195,9 @@ def main() -> None:
     engine, evaluate = build(cfg, accelerator)
     eval_hook = attach_hooks(engine, cfg, evaluate)
     attach_writer(engine, cfg)
-    if args.resume:
-        engine.resume(evaluate_only=args.eval_only)
-    if args.eval_only:  # the weights of model.weights= or, with --resume, the newest checkpoint
-        eval_hook.evaluate(engine)
-        if args.resume or cfg.model.weights:  # re-export trained weights, never random ones
-            export(engine, Path(cfg.output_dir) / cfg.pretrain.export_dir)
-        return
-    engine.run()
-    accelerator.end_training()
+    run_or_evaluate(engine, args, eval_hook)
+    if args.eval_only and (args.resume or cfg.model.weights):  # never export random weights
+        export(engine, Path(cfg.output_dir) / cfg.pretrain.export_dir)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from xmodaler_accel.setup import (
     default_argument_parser,
     default_setup,
     engine_options,
+    run_or_evaluate,
 )
 from xmodaler_accel.steps.vcr import SecondLoader, VCRTaskDataset, collate_choices, vcr_step
 from xmodaler_accel.vcr_eval import VCRSplit, evaluate_vcr
@@ -147,13 +148,7 @@ def main() -> None:
     attach_default_hooks(engine, cfg)
     eval_hook = EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start).attach(engine)
     attach_writer(engine, cfg)
-    if args.resume:
-        engine.resume(evaluate_only=args.eval_only)
-    if args.eval_only:  # the weights of model.weights= or, with --resume, the newest checkpoint
-        eval_hook.evaluate(engine)
-        return
-    engine.run()
-    accelerator.end_training()
+    run_or_evaluate(engine, args, eval_hook)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from xmodaler_accel.setup import (
     default_argument_parser,
     default_setup,
     engine_options,
+    run_or_evaluate,
 )
 from xmodaler_accel.steps import xe_step
 
@@ -92,13 +93,7 @@ def main() -> None:
     engine, evaluate = build(cfg, accelerator)
     eval_hook = attach_hooks(engine, cfg, evaluate)
     attach_writer(engine, cfg)
-    if args.resume:
-        engine.resume(evaluate_only=args.eval_only)
-    if args.eval_only:  # the weights of model.weights= or, with --resume, the newest checkpoint
-        eval_hook.evaluate(engine)  # with the EMA weights when train.ema_decay > 0
-        return
-    engine.run()
-    accelerator.end_training()
+    run_or_evaluate(engine, args, eval_hook)
 
 
 if __name__ == "__main__":

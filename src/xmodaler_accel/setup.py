@@ -199,6 +199,19 @@ def attach_writer(engine: Any, cfg: Config) -> None:
     PeriodicWriter(cfg.train.log_every).attach(engine)
 
 
+def run_or_evaluate(engine: Any, args: argparse.Namespace, eval_hook: Any) -> None:
+    """The end of every recipe, with its hooks attached: `--resume`, then train, or with
+    `--eval-only` evaluate once the weights of `model.weights=` or, with `--resume`, the newest
+    checkpoint (through `eval_hook`, so with the EMA weights where an EMA hook is attached)."""
+    if args.resume:
+        engine.resume(evaluate_only=args.eval_only)
+    if args.eval_only:
+        eval_hook.evaluate(engine)
+        return
+    engine.run()
+    engine.accelerator.end_training()
+
+
 # ------------------------------------------------------------------------------------ launch
 def launch(
     main_func: Callable[..., Any],
