@@ -24,7 +24,7 @@ from datasets import load_from_disk
 from torch.utils.data import DataLoader, Subset
 
 from xmodaler_accel import Engine, Event, build_train_loader, load_config, load_weights
-from xmodaler_accel.captioning import dataset_dir
+from xmodaler_accel.captioning import DATASET_DEFAULTS, dataset_dir
 from xmodaler_accel.config import DEFAULTS, Config, ConfigError
 from xmodaler_accel.data import load_tokenizer
 from xmodaler_accel.hooks import EvalHook
@@ -52,15 +52,7 @@ PRETRAIN_DEFAULTS = {
     **DEFAULTS,
     "eval": {**DEFAULTS["eval"], "splits": ["val"]},
     "data": {
-        "source": "synthetic",
-        "cache_dir": "",
-        "synthetic": {
-            "seed": 0,
-            "feat_dim": 256,
-            "num_train": 4000,
-            "num_val": 500,
-            "num_test": 500,
-        },
+        **DATASET_DEFAULTS,
         "tokenizer": "wordpiece",
         "caption_tokenizer": "tokenizer",
         "max_length": 40,

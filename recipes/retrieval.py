@@ -16,7 +16,7 @@ from functools import partial
 from datasets import load_from_disk
 
 from xmodaler_accel import Engine, build_train_loader, load_config, load_weights
-from xmodaler_accel.captioning import dataset_dir
+from xmodaler_accel.captioning import DATASET_DEFAULTS, dataset_dir
 from xmodaler_accel.config import DEFAULTS, ConfigError
 from xmodaler_accel.data import PairDataset, collate_pairs, load_tokenizer
 from xmodaler_accel.hooks import EvalHook
@@ -47,15 +47,7 @@ RETRIEVAL_DEFAULTS = {
     },
     "eval": {**DEFAULTS["eval"], "splits": ["val"]},
     "data": {
-        "source": "synthetic",
-        "cache_dir": "",
-        "synthetic": {
-            "seed": 0,
-            "feat_dim": 256,
-            "num_train": 4000,
-            "num_val": 500,
-            "num_test": 500,
-        },
+        **DATASET_DEFAULTS,
         "tokenizer": "wordpiece",
         "max_length": 40,
         "max_feat_num": 50,

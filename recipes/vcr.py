@@ -18,7 +18,7 @@ from datasets import load_from_disk
 from torch.optim.lr_scheduler import LambdaLR
 
 from xmodaler_accel import Engine, build_train_loader, load_config, load_weights
-from xmodaler_accel.captioning import dataset_dir
+from xmodaler_accel.captioning import DATASET_DEFAULTS, dataset_dir
 from xmodaler_accel.config import DEFAULTS
 from xmodaler_accel.data import load_tokenizer
 from xmodaler_accel.hooks import EvalHook
@@ -41,15 +41,7 @@ VCR_DEFAULTS = {
     "lr_scheduler": {**DEFAULTS["lr_scheduler"], "milestones": []},  # warmup_multistep
     "eval": {**DEFAULTS["eval"], "splits": ["val"]},
     "data": {
-        "source": "synthetic",
-        "cache_dir": "",
-        "synthetic": {
-            "seed": 0,
-            "feat_dim": 256,
-            "num_train": 4000,
-            "num_val": 500,
-            "num_test": 500,
-        },
+        **DATASET_DEFAULTS,
         "tokenizer": "wordpiece",
         "max_length_qa": 38,
         "max_length_qar": 66,

@@ -37,6 +37,14 @@ def _merged(base: dict, extra: dict) -> dict:
     return out
 
 
+# Where every recipe's data comes from (`dataset_dir`): "synthetic" builds the embedded scenes with
+# these parameters; anything else is a directory from `python -m xmodaler_accel.data.convert`.
+DATASET_DEFAULTS: dict[str, Any] = {
+    "source": "synthetic",
+    "cache_dir": "",
+    "synthetic": {"seed": 0, "feat_dim": 256, "num_train": 4000, "num_val": 500, "num_test": 500},
+}
+
 CAPTION_DEFAULTS: dict[str, Any] = _merged(
     DEFAULTS,
     {
@@ -62,20 +70,11 @@ CAPTION_DEFAULTS: dict[str, Any] = _merged(
             "bleu_weight": 0.0,
         },
         "data": {
-            # "synthetic" builds the embedded scenes; anything else is a converted dataset dir.
-            "source": "synthetic",
-            "cache_dir": "",
+            **DATASET_DEFAULTS,
             "max_feat_num": 50,
             "use_global_v": False,
             "seq_per_img": 5,
             "max_seq_len": 20,
-            "synthetic": {
-                "seed": 0,
-                "feat_dim": 256,
-                "num_train": 4000,
-                "num_val": 500,
-                "num_test": 500,
-            },
         },
     },
 )
