@@ -34,7 +34,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from ..data.collate import IGNORE_INDEX
-from .single_stream import ITMHead, SingleStreamEncoder, build_bert
+from .single_stream import ITMHead, SingleStreamEncoder, bert_from_config
 from .transformer import TransformerCaptioner
 from .vcr import VISUAL_TYPE_ID as VCR_VISUAL_TYPE_ID  # text 0, choice 1, regions 2
 
@@ -165,16 +165,7 @@ def build_pretrain_model(
     """The model from `model.single_stream` and `model.transformer` (the fine-tuning recipes'
     sections, so that sizes copy over); `caption_ids` are the captioner's (BOS, EOS, PAD)."""
     sizes = cfg.single_stream
-    bert = build_bert(
-        vocab_size=vocab_size,
-        hidden_size=sizes.hidden,
-        num_layers=sizes.layers,
-        num_heads=sizes.heads,
-        intermediate_size=sizes.intermediate,
-        dropout=sizes.dropout,
-        pad_token_id=pad_id,
-        bert_dir=sizes.bert_dir,
-    )
+    bert = bert_from_config(sizes, vocab_size=vocab_size, pad_id=pad_id)
     encoder = SingleStreamEncoder(bert, feat_dim, pooling=sizes.pooling)
     bos, eos, pad = caption_ids
     captioner = TransformerCaptioner(

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .single_stream import ITMHead, SingleStreamEncoder, build_bert
+from .single_stream import ITMHead, SingleStreamEncoder, bert_from_config
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps the learned inverse temperature here
 
@@ -194,16 +194,7 @@ def build_two_stream(cfg: Any, *, feat_dim: int, vocab_size: int, pad_id: int) -
 
 def build_single_stream(cfg: Any, *, feat_dim: int, vocab_size: int, pad_id: int) -> nn.Module:
     """`SingleStreamRetrieval` from `model.single_stream` (BERT random or from `bert_dir`)."""
-    bert = build_bert(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden,
-        num_layers=cfg.layers,
-        num_heads=cfg.heads,
-        intermediate_size=cfg.intermediate,
-        dropout=cfg.dropout,
-        pad_token_id=pad_id,
-        bert_dir=cfg.bert_dir,
-    )
+    bert = bert_from_config(cfg, vocab_size=vocab_size, pad_id=pad_id)
     encoder = SingleStreamEncoder(bert, feat_dim, pooling=cfg.pooling)
     return SingleStreamRetrieval(encoder, ITMHead(bert.config.hidden_size, 1, cfg.dropout))
 

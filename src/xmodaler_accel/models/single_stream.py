@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -135,6 +136,23 @@ class ITMHead(nn.Module):
         with torch.autocast(pooled.device.type, enabled=False):
             logits = self.classifier(self.dropout(pooled.float()))
         return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
+
+
+def bert_from_config(
+    sizes: Any, *, vocab_size: int, pad_id: int, type_vocab_size: int = 2
+) -> BertModel:
+    """`build_bert` with a `model.single_stream` section's sizes, or the BERT in its `bert_dir`."""
+    return build_bert(
+        vocab_size=vocab_size,
+        hidden_size=sizes.hidden,
+        num_layers=sizes.layers,
+        num_heads=sizes.heads,
+        intermediate_size=sizes.intermediate,
+        dropout=sizes.dropout,
+        type_vocab_size=type_vocab_size,
+        pad_token_id=pad_id,
+        bert_dir=sizes.bert_dir,
+    )
 
 
 def build_bert(

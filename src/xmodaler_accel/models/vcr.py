@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .single_stream import REGION_POSITION_ID, ITMHead, SingleStreamEncoder, build_bert
+from .single_stream import (
+    REGION_POSITION_ID,
+    ITMHead,
+    SingleStreamEncoder,
+    bert_from_config,
+)
 
 VISUAL_TYPE_ID = 2
 MODEL_INPUTS = (
@@ -131,16 +136,8 @@ def add_token_type(bert: nn.Module, size: int) -> None:
 def build_vcr_model(cfg: Any, *, feat_dim: int, vocab_size: int, pad_id: int) -> VCRModel:
     """`VCRModel` from `model:` (`single_stream` sizes or `bert_dir`, `ground_tags`)."""
     sizes = cfg.single_stream
-    bert = build_bert(
-        vocab_size=vocab_size,
-        hidden_size=sizes.hidden,
-        num_layers=sizes.layers,
-        num_heads=sizes.heads,
-        intermediate_size=sizes.intermediate,
-        dropout=sizes.dropout,
-        type_vocab_size=VISUAL_TYPE_ID + 1,
-        pad_token_id=pad_id,
-        bert_dir=sizes.bert_dir,
+    bert = bert_from_config(
+        sizes, vocab_size=vocab_size, pad_id=pad_id, type_vocab_size=VISUAL_TYPE_ID + 1
     )
     add_token_type(bert, VISUAL_TYPE_ID + 1)
     encoder = SingleStreamEncoder(
