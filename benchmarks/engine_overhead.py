@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from xmodaler_accel import Engine, build_train_loader
 from xmodaler_accel.config import Config
-from xmodaler_accel.setup import attach_default_hooks, attach_writer
+from xmodaler_accel.hooks import IterationTimer, LRScheduler, PeriodicCheckpointer, PeriodicWriter
 from xmodaler_accel.writers import JSONLTracker
 
 
@@ -105,10 +105,14 @@ def measure(accelerator, dims, batch, steps, repeats, out_dir) -> tuple[float, f
         output_dir=out_dir,
         sync_every=20,
     )
-    attach_default_hooks(engine, cfg)
+    IterationTimer(cfg.train.timer_warmup).attach(engine)
+    LRScheduler().attach(engine)
+    PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(
+        engine
+    )
     # The default hooks save a final checkpoint at TRAIN_END; time the loop, not the disk.
     engine.save_checkpoint = lambda *a, **k: None
-    attach_writer(engine, cfg)
+    PeriodicWriter(cfg.train.log_every).attach(engine)
     hand_loop(accelerator, hand_model, hand_opt, hand_sched, hand_loader, 10)  # warm-up
     engine_loop(engine, 10)
     hand_times, engine_times = [], []

@@ -20,7 +20,7 @@ import torch
 from xmodaler_accel.decoding import beam_search
 from xmodaler_accel.models import build_captioner, label_smoothed_loss
 from xmodaler_accel.scoring import RewardScorer
-from xmodaler_accel.steps import scst_step
+from xmodaler_accel.tasks.captioning import scst_step
 
 VOCAB, REGIONS, FEAT, LEN = 10200, 50, 2048, 16
 

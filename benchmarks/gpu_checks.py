@@ -21,8 +21,14 @@ import torch
 
 from xmodaler_accel import Engine, build_train_loader
 from xmodaler_accel.config import DEFAULTS, Config
-from xmodaler_accel.hooks import EMA
-from xmodaler_accel.setup import attach_default_hooks, attach_writer, make_accelerator
+from xmodaler_accel.hooks import (
+    EMA,
+    IterationTimer,
+    LRScheduler,
+    PeriodicCheckpointer,
+    PeriodicWriter,
+)
+from xmodaler_accel.setup import make_accelerator
 
 VOCAB, SEQ, BATCH = 1000, 128, 64
 
@@ -75,9 +81,13 @@ def build(precision: str, out: str, max_steps: int, step_fn=step) -> Engine:
         sync_every=20,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10)),
     )
-    attach_default_hooks(engine, cfg)
+    IterationTimer(cfg.train.timer_warmup).attach(engine)
+    LRScheduler().attach(engine)
+    PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(
+        engine
+    )
     EMA(0.999).attach(engine)
-    attach_writer(engine, cfg)
+    PeriodicWriter(cfg.train.log_every).attach(engine)
     engine.save_checkpoint = lambda *a, **k: None  # time the loop, not the disk
     return engine
 

@@ -26,14 +26,14 @@ from datasets import load_from_disk
 from xmodaler_accel.config import Config
 from xmodaler_accel.data import load_tokenizer, synthetic_dir
 from xmodaler_accel.models.retrieval import build_single_stream, build_two_stream
-from xmodaler_accel.retrieval_eval import (
+from xmodaler_accel.tasks.retrieval.evaluation import (
     EvalSettings,
     RetrievalSplit,
     embed_split,
     rerank_ranks,
     similarity_ranks,
 )
-from xmodaler_accel.steps.retrieval import clip_inputs
+from xmodaler_accel.tasks.retrieval.steps import clip_inputs
 
 TWO = {
     "hidden": 256,

@@ -20,18 +20,16 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from xmodaler_accel import load_config
-from xmodaler_accel.captioning import (
-    CAPTION_DEFAULTS,
+from xmodaler_accel.data import ImageDataset, dataset_dir, load_tokenizer, open_dataset
+from xmodaler_accel.scoring.cider_reference import cider_d, cut, document_frequency
+from xmodaler_accel.tasks.captioning import (
     build_reward_scorer,
     captioner_from_config,
     image_collate,
-    open_dataset,
+    load_caption_config,
+    scst_step,
     training_references,
 )
-from xmodaler_accel.data import ImageDataset
-from xmodaler_accel.scoring.cider_reference import cider_d, cut, document_frequency
-from xmodaler_accel.steps import scst_step
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -72,8 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(RECIPES / "synthetic.yaml", [f"data.cache_dir={tmp}"], CAPTION_DEFAULTS)
-        data, tokenizer = open_dataset(cfg)
+        cfg = load_caption_config(RECIPES / "synthetic.yaml", [f"data.cache_dir={tmp}"])
+        data, tokenizer = open_dataset(cfg), load_tokenizer(dataset_dir(cfg))
         model = captioner_from_config(cfg, tokenizer, data["train"]).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
         fast = build_reward_scorer(cfg, data["train"], tokenizer)

@@ -1,29 +1,48 @@
-"""Train a captioner of your own through the XE recipe's pieces.
+"""recipes/xe.py with one thing changed: a captioner of your own (marked "CHANGED" below).
 
-    python examples/custom_model.py --config recipes/synthetic.yaml train.max_steps=50
+    python examples/custom_model.py --config recipes/synthetic.yaml train.max_steps=50 \
+        output_dir=output/custom_model [--resume] [--eval-only]
 
 Any `CaptionModel` works with the XE and SCST steps, beam search and the evaluator: implement
 `encode` (once per image), teacher-forced `decode`, and the incremental `init_state` /
-`decode_step`. This one is a GRU over the mean region feature with soft attention.
+`decode_step`. `model.weights=` loads weights saved by this script (`--eval-only` scores them).
 """
 
-import sys
-from pathlib import Path
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-
-import xe  # noqa: E402
-
-from xmodaler_accel import load_config  # noqa: E402
-from xmodaler_accel.captioning import CAPTION_DEFAULTS, feature_dim, open_dataset  # noqa: E402
-from xmodaler_accel.models import CaptionModel, EncoderOutput, masked_mean  # noqa: E402
-from xmodaler_accel.setup import attach_writer, default_argument_parser, default_setup  # noqa: E402
+from xmodaler_accel import Engine, build_train_loader, load_weights
+from xmodaler_accel.data import dataset_dir, load_tokenizer, open_dataset
+from xmodaler_accel.decoding import beam_search
+from xmodaler_accel.hooks import (
+    EMA,
+    EvalHook,
+    IterationTimer,
+    LRScheduler,
+    PeriodicCheckpointer,
+    PeriodicWriter,
+)
+from xmodaler_accel.masking import masked_mean
+from xmodaler_accel.models import CaptionModel, EncoderOutput
+from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
+from xmodaler_accel.setup import default_argument_parser, default_setup
+from xmodaler_accel.tasks.captioning import (
+    CaptionDataset,
+    CaptionEvaluator,
+    ScheduledSampling,
+    collate_xe,
+    feature_dim,
+    image_collate,
+    load_caption_config,
+    xe_step,
+)
 
 
 class GRUCaptioner(CaptionModel):
+    """CHANGED: a GRU over the mean region feature with soft attention."""
+
     def __init__(self, vocab_size: int, feat_dim: int, hidden: int = 256, max_len: int = 20):
         super().__init__(vocab_size, max_len=max_len)
         self.project = nn.Linear(feat_dim, hidden)
@@ -61,13 +80,103 @@ class GRUCaptioner(CaptionModel):
 
 def main() -> None:
     args = default_argument_parser(epilog=__doc__).parse_args()
-    cfg = load_config(args.config, args.opts, defaults=CAPTION_DEFAULTS)
+    cfg = load_caption_config(args.config, args.opts)
     accelerator = default_setup(cfg, args)
-    data, tokenizer = open_dataset(cfg)
-    model = GRUCaptioner(len(tokenizer), feature_dim(data["train"]), max_len=cfg.decode.max_len)
-    engine, evaluate = xe.build(cfg, accelerator, model=model)
-    xe.attach_hooks(engine, cfg, evaluate)
-    attach_writer(engine, cfg)
+
+    # Data: memory-mapped Arrow tables; each image comes with seq_per_img captions.
+    data, tokenizer = open_dataset(cfg), load_tokenizer(dataset_dir(cfg))
+    train_set = CaptionDataset(
+        data["train"],
+        tokenizer,
+        max_seq_len=cfg.data.max_seq_len,
+        seq_per_img=cfg.data.seq_per_img,
+        seed=cfg.seed,
+    )
+    collate = partial(
+        collate_xe, max_feat_num=cfg.data.max_feat_num, use_global_v=cfg.data.use_global_v
+    )
+    train_loader = build_train_loader(
+        train_set,
+        cfg.train.batch_size,
+        seed=cfg.seed,
+        collate_fn=collate,
+        num_workers=cfg.train.num_workers,
+        drop_last=cfg.train.drop_last,
+    )
+
+    # Model, optimizer, LR schedule (the Engine steps it once per optimizer step).
+    feat_dim = feature_dim(data["train"])
+    model = GRUCaptioner(len(tokenizer), feat_dim, max_len=cfg.decode.max_len)  # CHANGED
+    if cfg.model.weights:
+        load_weights(model, cfg.model.weights)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer, cfg.train.max_steps)
+
+    # The step: teacher-forced label-smoothed cross-entropy, each image encoded once.
+    step = partial(xe_step, label_smoothing=cfg.model.label_smoothing)
+    engine = Engine(
+        accelerator,
+        model,
+        optimizer,
+        train_loader,
+        step,
+        scheduler=scheduler,
+        max_steps=cfg.train.max_steps,
+        clip_grad=cfg.train.clip_grad.mode,
+        clip_grad_max=cfg.train.clip_grad.max,
+        output_dir=cfg.output_dir,
+        checkpoint_prefix=cfg.checkpoint.prefix,
+        checkpoint_keep=cfg.checkpoint.keep,
+        sync_every=cfg.train.log_every,  # host syncs (metrics, NaN checks) only this often
+    )
+
+    # Evaluation: beam search over each of eval.splits, coco-caption metrics.
+    def decode(model, batch):
+        enc = model.encode(batch["features"], batch["boxes"], batch["region_mask"])
+        return beam_search(
+            model,
+            enc,
+            beam_size=cfg.decode.beam_size,
+            max_len=cfg.decode.max_len,
+            length_norm=float(cfg.decode.length_norm),
+        ).sequences
+
+    evaluators = [
+        CaptionEvaluator(
+            accelerator,
+            data[split],
+            tokenizer,
+            split,
+            decode=decode,
+            collate_fn=image_collate(cfg),
+            batch_size=cfg.eval.batch_size,
+            metrics=cfg.eval.metrics,
+        )
+        for split in cfg.eval.splits
+    ]
+
+    def evaluate(engine: Engine) -> dict:
+        return {split: m for evaluator in evaluators for split, m in evaluator(engine).items()}
+
+    # Hooks run in this order at each event; the writer goes last so it logs what they measured.
+    IterationTimer(cfg.train.timer_warmup).attach(engine)
+    LRScheduler().attach(engine)
+    PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(
+        engine
+    )
+    ss = cfg.train.scheduled_sampling
+    ScheduledSampling(ss.start_epoch, ss.every, ss.prob, ss.max_prob).attach(engine)
+    ema = EMA(cfg.train.ema_decay).attach(engine) if cfg.train.ema_decay > 0 else None
+    eval_hook = EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start, ema=ema)
+    eval_hook.attach(engine)
+    PeriodicWriter(cfg.train.log_every).attach(engine)
+
+    # Run: --resume continues from the newest checkpoint; --eval-only evaluates once and exits.
+    if args.resume:
+        engine.resume(evaluate_only=args.eval_only)
+    if args.eval_only:
+        eval_hook.evaluate(engine)
+        return
     engine.run()
     accelerator.end_training()
 

@@ -17,10 +17,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from xmodaler_accel import load_config
-from xmodaler_accel.captioning import CAPTION_DEFAULTS, open_dataset
 from xmodaler_accel.checkpoint import latest_checkpoint
+from xmodaler_accel.data import open_dataset
 from xmodaler_accel.metrics import score_captions
+from xmodaler_accel.tasks.captioning import load_caption_config
 
 RECIPES = Path(__file__).resolve().parent
 SHOWN = ("Bleu_4", "ROUGE_L", "CIDEr")
@@ -43,7 +43,7 @@ def final_metrics(output_dir: Path, split: str = "test") -> dict[str, float]:
 
 def constant_caption_metrics(config: str, candidates: int = 30) -> tuple[str, dict[str, float]]:
     """The best of the most frequent training captions, used as the caption of every test image."""
-    data, _ = open_dataset(load_config(config, defaults=CAPTION_DEFAULTS))
+    data = open_dataset(load_caption_config(config))
     counts = Counter(c for caps in data["train"]["captions"] for c in caps)
     test = data["test"]
     refs = dict(zip(test["image_id"], test["captions"]))
@@ -69,7 +69,7 @@ def main() -> None:
         "--config",
         args.config,
         f"model.weights={weights}",
-        f"scst.output_dir={scst_dir}",
+        f"output_dir={scst_dir}",
     )
     caption, constant = constant_caption_metrics(args.config)
     rows = {

@@ -13,32 +13,30 @@ At the end (and with --eval-only) the weights each fine-tuning recipe takes are 
 A pretraining checkpoint itself (`checkpoints/step_<N>`) holds every head; loading it into a
 fine-tuning model reports the keys that do not belong there by name.
 
-Reads top to bottom: config, data, model, step, engine, evaluation, export, hooks, run.
+Reads top to bottom: config, data, model, step, engine, evaluation, hooks, run, export.
 """
 
 import logging
 from functools import partial
 from pathlib import Path
 
-from datasets import load_from_disk
 from torch.utils.data import DataLoader, Subset
 
 from xmodaler_accel import Engine, Event, build_train_loader, load_config, load_weights
-from xmodaler_accel.captioning import DATASET_DEFAULTS, dataset_dir
-from xmodaler_accel.config import DEFAULTS, Config, ConfigError
-from xmodaler_accel.data import load_tokenizer
-from xmodaler_accel.hooks import EvalHook
+from xmodaler_accel.config import ConfigError
+from xmodaler_accel.data import dataset_dir, load_tokenizer, open_dataset
+from xmodaler_accel.hooks import (
+    EvalHook,
+    IterationTimer,
+    LRScheduler,
+    PeriodicCheckpointer,
+    PeriodicWriter,
+)
 from xmodaler_accel.models.pretrain import build_pretrain_model, export_finetune_weights
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import (
-    attach_default_hooks,
-    attach_writer,
-    default_argument_parser,
-    default_setup,
-    engine_options,
-    run_or_evaluate,
-)
-from xmodaler_accel.steps.pretrain import (
+from xmodaler_accel.setup import default_argument_parser, default_setup
+from xmodaler_accel.tasks.pretraining import (
+    PRETRAIN_DEFAULTS,
     PretrainPairs,
     collate_pretrain,
     pretrain_metrics,
@@ -47,53 +45,31 @@ from xmodaler_accel.steps.pretrain import (
 
 logger = logging.getLogger("xmodaler_accel.recipes.pretrain")
 
-# The keys this recipe adds to the library's; the YAML files document each one.
-PRETRAIN_DEFAULTS = {
-    **DEFAULTS,
-    "eval": {**DEFAULTS["eval"], "splits": ["val"]},
-    "data": {
-        **DATASET_DEFAULTS,
-        "tokenizer": "wordpiece",
-        "caption_tokenizer": "tokenizer",
-        "max_length": 40,
-        "max_seq_len": 20,
-        "max_feat_num": 50,
-    },
-    "pretrain": {
-        "two_stage": "separate",
-        "mask_prob": 0.15,
-        "region_mask_prob": 0.15,
-        "label_smoothing": 0.0,
-        "loss_weights": {
-            "mlm": 1.0,
-            "mrm_class": 1.0,
-            "mrm_feature": 1.0,
-            "itm": 1.0,
-            "caption": 1.0,
-        },
-        "eval_pairs": 0,
-        "export_dir": "export",
-    },
-}
+
+def export(engine: Engine, directory: Path) -> None:
+    """Write the fine-tuning weights (`export_finetune_weights`) from the main process."""
+    if engine.is_main_process:
+        paths = export_finetune_weights(engine.unwrapped_model, directory)
+        logger.info(
+            "fine-tuning weights at step %d: %s", engine.step, sorted(map(str, paths.values()))
+        )
+    engine.accelerator.wait_for_everyone()
 
 
-def region_classes(table) -> int:
-    """Detector classes of the `cls_prob` column (0 without one: feature regression only)."""
-    return table.features["cls_prob"].shape[1] if "cls_prob" in table.features else 0
-
-
-def build(cfg: Config, accelerator):
-    """The pretraining engine and its evaluation function."""
+def main() -> None:
+    args = default_argument_parser(epilog=__doc__).parse_args()
+    cfg = load_config(args.config, args.opts, defaults=PRETRAIN_DEFAULTS)
     if cfg.pretrain.two_stage == "separate" and cfg.train.grad_accum > 1:
         raise ConfigError(
             "pretrain.two_stage=separate takes an optimizer step per stage and does not support "
             "train.grad_accum > 1; use pretrain.two_stage=summed"
         )
+    accelerator = default_setup(cfg, args)
+
     # Data: one item per (image, caption) pair, masked per (seed, epoch, pair) in the dataset.
-    root = dataset_dir(cfg)
-    data = load_from_disk(str(root))
-    tokenizer = load_tokenizer(root / cfg.data.tokenizer)
-    caption_tokenizer = load_tokenizer(root / cfg.data.caption_tokenizer)
+    data = open_dataset(cfg)
+    tokenizer = load_tokenizer(dataset_dir(cfg) / cfg.data.tokenizer)
+    caption_tokenizer = load_tokenizer(dataset_dir(cfg) / cfg.data.caption_tokenizer)
 
     def pairs(split: str) -> PretrainPairs:
         return PretrainPairs(
@@ -123,7 +99,10 @@ def build(cfg: Config, accelerator):
         pad_id=tokenizer.pad_token_id,
         caption_vocab_size=len(caption_tokenizer),
         caption_ids=(bos, eos, caption_pad),
-        num_region_classes=region_classes(table),
+        # Detector classes of the `cls_prob` column (0 without one: feature regression only).
+        num_region_classes=table.features["cls_prob"].shape[1]
+        if "cls_prob" in table.features
+        else 0,
         max_len=cfg.data.max_seq_len,
     )
     if cfg.model.weights:
@@ -137,8 +116,12 @@ def build(cfg: Config, accelerator):
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer, cfg.train.max_steps)
     engine = Engine(
-        accelerator, model, optimizer, train_loader, step,
-        scheduler=scheduler, **engine_options(cfg),
+        accelerator, model, optimizer, train_loader, step, scheduler=scheduler,
+        max_steps=cfg.train.max_steps,
+        clip_grad=cfg.train.clip_grad.mode, clip_grad_max=cfg.train.clip_grad.max,
+        output_dir=cfg.output_dir,
+        checkpoint_prefix=cfg.checkpoint.prefix, checkpoint_keep=cfg.checkpoint.keep,
+        sync_every=cfg.train.log_every,
     )  # fmt: skip
 
     # Evaluation: accuracies of every head on the first pretrain.eval_pairs pairs of each split.
@@ -158,38 +141,28 @@ def build(cfg: Config, accelerator):
             for split, (loader, count) in loaders.items()
         }
 
-    return engine, evaluate
-
-
-def export(engine: Engine, directory: Path) -> None:
-    """Write the fine-tuning weights (`export_finetune_weights`) from the main process."""
-    if engine.is_main_process:
-        paths = export_finetune_weights(engine.unwrapped_model, directory)
-        logger.info(
-            "fine-tuning weights at step %d: %s", engine.step, sorted(map(str, paths.values()))
-        )
-    engine.accelerator.wait_for_everyone()
-
-
-def attach_hooks(engine: Engine, cfg: Config, evaluate) -> EvalHook:
-    """Timer, lr, checkpoints, evaluation and the export at the end (add the writer last)."""
-    attach_default_hooks(engine, cfg)
+    # Hooks: timer, lr, checkpoints, evaluation, the export at the end, then the writer.
+    IterationTimer(cfg.train.timer_warmup).attach(engine)
+    LRScheduler().attach(engine)
+    PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(
+        engine
+    )
     eval_hook = EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start).attach(engine)
     export_dir = Path(cfg.output_dir) / cfg.pretrain.export_dir
     engine.on(Event.TRAIN_END, partial(export, directory=export_dir))
-    return eval_hook
+    PeriodicWriter(cfg.train.log_every).attach(engine)
 
-
-def main() -> None:
-    args = default_argument_parser(epilog=__doc__).parse_args()
-    cfg = load_config(args.config, args.opts, defaults=PRETRAIN_DEFAULTS)
-    accelerator = default_setup(cfg, args)
-    engine, evaluate = build(cfg, accelerator)
-    eval_hook = attach_hooks(engine, cfg, evaluate)
-    attach_writer(engine, cfg)
-    run_or_evaluate(engine, args, eval_hook)
-    if args.eval_only and (args.resume or cfg.model.weights):  # never export random weights
-        export(engine, Path(cfg.output_dir) / cfg.pretrain.export_dir)
+    # Run: --resume continues from the newest checkpoint; --eval-only evaluates once, then
+    # re-exports trained weights (never random ones) and exits.
+    if args.resume:
+        engine.resume(evaluate_only=args.eval_only)
+    if args.eval_only:
+        eval_hook.evaluate(engine)
+        if args.resume or cfg.model.weights:
+            export(engine, export_dir)
+        return
+    engine.run()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

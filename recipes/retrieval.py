@@ -13,53 +13,35 @@ Reads top to bottom: config, data, model, step, engine, evaluation, hooks, run.
 import logging
 from functools import partial
 
-from datasets import load_from_disk
-
 from xmodaler_accel import Engine, build_train_loader, load_config, load_weights
-from xmodaler_accel.captioning import DATASET_DEFAULTS, dataset_dir
-from xmodaler_accel.config import DEFAULTS, ConfigError
-from xmodaler_accel.data import PairDataset, collate_pairs, load_tokenizer
-from xmodaler_accel.hooks import EvalHook
+from xmodaler_accel.config import ConfigError
+from xmodaler_accel.data import (
+    PairDataset,
+    collate_pairs,
+    dataset_dir,
+    load_tokenizer,
+    open_dataset,
+)
+from xmodaler_accel.hooks import (
+    EvalHook,
+    IterationTimer,
+    LRScheduler,
+    PeriodicCheckpointer,
+    PeriodicWriter,
+)
 from xmodaler_accel.models.retrieval import build_retrieval_model, build_two_stream
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.retrieval_eval import EvalSettings, RetrievalSplit, evaluate_retrieval
-from xmodaler_accel.setup import (
-    attach_default_hooks,
-    attach_writer,
-    default_argument_parser,
-    default_setup,
-    engine_options,
-    run_or_evaluate,
+from xmodaler_accel.setup import default_argument_parser, default_setup
+from xmodaler_accel.tasks.retrieval import (
+    RETRIEVAL_DEFAULTS,
+    EvalSettings,
+    RetrievalSplit,
+    evaluate_retrieval,
+    itm_step,
+    retrieval_step,
 )
-from xmodaler_accel.steps.retrieval import itm_step, retrieval_step
 
 logger = logging.getLogger("xmodaler_accel.recipes.retrieval")
-
-# The keys this recipe adds to the library's; the YAML files document each one.
-RETRIEVAL_DEFAULTS = {
-    **DEFAULTS,
-    "train": {
-        **DEFAULTS["train"],
-        "hard_negatives": False,
-        "negatives": 3,
-        "negative_pool": 0,
-        "negative_side": "both",
-    },
-    "eval": {**DEFAULTS["eval"], "splits": ["val"]},
-    "data": {
-        **DATASET_DEFAULTS,
-        "tokenizer": "wordpiece",
-        "max_length": 40,
-        "max_feat_num": 50,
-    },
-    "retrieval": {
-        "eval_images": 0,
-        "image_chunk": 8,
-        "similarity_chunk": 256,
-        "rerank_k": 0,
-        "rerank_weights": "",
-    },
-}
 
 
 def main() -> None:
@@ -68,9 +50,8 @@ def main() -> None:
     accelerator = default_setup(cfg, args)
 
     # Data: one training item per caption (Flickr30k protocol); eval splits tokenised once.
-    root = dataset_dir(cfg)
-    data = load_from_disk(str(root))
-    tokenizer = load_tokenizer(root / cfg.data.tokenizer)
+    data = open_dataset(cfg)
+    tokenizer = load_tokenizer(dataset_dir(cfg) / cfg.data.tokenizer)
     train_set = PairDataset(data["train"], tokenizer, max_length=cfg.data.max_length)
     collate = partial(
         collate_pairs, max_feat_num=cfg.data.max_feat_num, pad_id=tokenizer.pad_token_id
@@ -141,7 +122,13 @@ def main() -> None:
         train_loader,
         step,
         scheduler=scheduler,
-        **engine_options(cfg),
+        max_steps=cfg.train.max_steps,
+        clip_grad=cfg.train.clip_grad.mode,
+        clip_grad_max=cfg.train.clip_grad.max,
+        output_dir=cfg.output_dir,
+        checkpoint_prefix=cfg.checkpoint.prefix,
+        checkpoint_keep=cfg.checkpoint.keep,
+        sync_every=cfg.train.log_every,
     )
 
     # Evaluation: every image against every caption, chunked and split across processes.
@@ -158,10 +145,23 @@ def main() -> None:
             engine.accelerator, engine.unwrapped_model, splits, settings, reranker
         )
 
-    attach_default_hooks(engine, cfg)
+    # Hooks: timer, lr, checkpoints, evaluation, then the writer (it logs what they measured).
+    IterationTimer(cfg.train.timer_warmup).attach(engine)
+    LRScheduler().attach(engine)
+    PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(
+        engine
+    )
     eval_hook = EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start).attach(engine)
-    attach_writer(engine, cfg)
-    run_or_evaluate(engine, args, eval_hook)
+    PeriodicWriter(cfg.train.log_every).attach(engine)
+
+    # Run: --resume continues from the newest checkpoint; --eval-only evaluates once and exits.
+    if args.resume:
+        engine.resume(evaluate_only=args.eval_only)
+    if args.eval_only:
+        eval_hook.evaluate(engine)
+        return
+    engine.run()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

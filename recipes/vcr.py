@@ -11,72 +11,29 @@ vcr.mode=alternate updates on each in turn as X-modaler does. Evaluation reports
 Q->AR (both right). Reads top to bottom: config, data, model, step, engine, evaluation, hooks, run.
 """
 
-from bisect import bisect_right
 from functools import partial
 
-from datasets import load_from_disk
-from torch.optim.lr_scheduler import LambdaLR
-
 from xmodaler_accel import Engine, build_train_loader, load_config, load_weights
-from xmodaler_accel.captioning import DATASET_DEFAULTS, dataset_dir
-from xmodaler_accel.config import DEFAULTS
-from xmodaler_accel.data import load_tokenizer
-from xmodaler_accel.hooks import EvalHook
+from xmodaler_accel.data import dataset_dir, load_tokenizer, open_dataset
+from xmodaler_accel.hooks import (
+    EvalHook,
+    IterationTimer,
+    LRScheduler,
+    PeriodicCheckpointer,
+    PeriodicWriter,
+)
 from xmodaler_accel.models.vcr import build_vcr_model
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import (
-    attach_default_hooks,
-    attach_writer,
-    default_argument_parser,
-    default_setup,
-    engine_options,
-    run_or_evaluate,
+from xmodaler_accel.second_loader import SecondLoader
+from xmodaler_accel.setup import default_argument_parser, default_setup
+from xmodaler_accel.tasks.vcr import (
+    VCR_DEFAULTS,
+    VCRSplit,
+    VCRTaskDataset,
+    collate_choices,
+    evaluate_vcr,
+    vcr_step,
 )
-from xmodaler_accel.steps.vcr import SecondLoader, VCRTaskDataset, collate_choices, vcr_step
-from xmodaler_accel.vcr_eval import VCRSplit, evaluate_vcr
-
-# The keys this recipe adds to the library's; the YAML files document each one.
-VCR_DEFAULTS = {
-    **DEFAULTS,
-    "lr_scheduler": {**DEFAULTS["lr_scheduler"], "milestones": []},  # warmup_multistep
-    "eval": {**DEFAULTS["eval"], "splits": ["val"]},
-    "data": {
-        **DATASET_DEFAULTS,
-        "tokenizer": "wordpiece",
-        "max_length_qa": 38,
-        "max_length_qar": 66,
-        "max_feat_num": 50,
-        "use_global_v": False,
-    },
-    "model": {
-        **DEFAULTS["model"],
-        "ground_tags": True,
-        "single_stream": {
-            "bert_dir": "",
-            "hidden": 768,
-            "layers": 12,
-            "heads": 12,
-            "intermediate": 3072,
-            "dropout": 0.1,
-            "pooling": "cls",
-        },
-    },
-    "vcr": {"mode": "sum", "qar_batch_size": 0},
-}
-
-
-def build_scheduler(cfg, optimizer):
-    """`warmup_multistep` (X-modaler's WarmupMultiStepLR), else the library's schedules."""
-    s = cfg.lr_scheduler
-    if s.name != "warmup_multistep":
-        return build_lr_scheduler(cfg, optimizer, cfg.train.max_steps)
-    milestones = sorted(s.milestones)
-
-    def factor(step: int) -> float:
-        warmup = min(1.0, (step + 1) / s.warmup_steps) if s.warmup_steps > 0 else 1.0
-        return warmup * s.gamma ** bisect_right(milestones, step)
-
-    return LambdaLR(optimizer, factor)
 
 
 def main() -> None:
@@ -85,9 +42,8 @@ def main() -> None:
     accelerator = default_setup(cfg, args)
 
     # Data: the two sub-task views of the same items, each with its own shuffled loader.
-    root = dataset_dir(cfg)
-    data = load_from_disk(str(root))
-    tokenizer = load_tokenizer(root / cfg.data.tokenizer)
+    data = open_dataset(cfg)
+    tokenizer = load_tokenizer(dataset_dir(cfg) / cfg.data.tokenizer)
     qa_train = VCRTaskDataset.from_dict(
         data, "train", tokenizer, "qa", max_length=cfg.data.max_length_qa
     )
@@ -121,14 +77,18 @@ def main() -> None:
 
     # The step: Q->A from the Engine's loader, QA->R from the second loader (checkpointed).
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer)
+    scheduler = build_lr_scheduler(cfg, optimizer, cfg.train.max_steps)
     qar_batches = SecondLoader(qar_loader, accelerator)
     step = partial(vcr_step, qar_loader=qar_batches, mode=cfg.vcr.mode)
     engine = Engine(
-        accelerator, model, optimizer, qa_loader, step,
-        scheduler=scheduler, **engine_options(cfg),
+        accelerator, model, optimizer, qa_loader, step, scheduler=scheduler,
+        max_steps=cfg.train.max_steps,
+        clip_grad=cfg.train.clip_grad.mode, clip_grad_max=cfg.train.clip_grad.max,
+        output_dir=cfg.output_dir,
+        checkpoint_prefix=cfg.checkpoint.prefix, checkpoint_keep=cfg.checkpoint.keep,
+        sync_every=cfg.train.log_every,
     )  # fmt: skip
-    qar_batches.attach(engine, name="qar_loader")
+    qar_batches.attach(engine, name="qar_loader")  # its position is saved under this name
 
     # Evaluation: Q->A, QA->R and Q->AR of every split, split across processes.
     def evaluate(engine: Engine) -> dict:
@@ -137,10 +97,23 @@ def main() -> None:
             batch_size=cfg.eval.batch_size, collate=collate,
         )  # fmt: skip
 
-    attach_default_hooks(engine, cfg)
+    # Hooks: timer, lr, checkpoints, evaluation, then the writer (it logs what they measured).
+    IterationTimer(cfg.train.timer_warmup).attach(engine)
+    LRScheduler().attach(engine)
+    PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(
+        engine
+    )
     eval_hook = EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start).attach(engine)
-    attach_writer(engine, cfg)
-    run_or_evaluate(engine, args, eval_hook)
+    PeriodicWriter(cfg.train.log_every).attach(engine)
+
+    # Run: --resume continues from the newest checkpoint; --eval-only evaluates once and exits.
+    if args.resume:
+        engine.resume(evaluate_only=args.eval_only)
+    if args.eval_only:
+        eval_hook.evaluate(engine)
+        return
+    engine.run()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -3,43 +3,44 @@
     python recipes/xe.py --config recipes/synthetic.yaml [--resume] [--eval-only] [key=value ...]
     accelerate launch recipes/xe.py --config recipes/coco.yaml
 
-Reads top to bottom: data, model, optimizer, engine, evaluation, hooks, run. Copy it to start
-your own, or import `build` from it (examples/custom_model.py does) to reuse the pieces.
+Reads top to bottom: config, data, model, step, engine, evaluation, hooks, run. Copy it to start
+your own experiment: every piece below is a library call you can swap for your own.
 """
 
-from collections.abc import Callable
 from functools import partial
 
-import torch
-
-from xmodaler_accel import Engine, build_train_loader, load_config
-from xmodaler_accel.captioning import (
-    CAPTION_DEFAULTS,
-    caption_evaluation,
-    captioner_from_config,
-    open_dataset,
+from xmodaler_accel import Engine, build_train_loader
+from xmodaler_accel.data import dataset_dir, load_tokenizer, open_dataset
+from xmodaler_accel.decoding import beam_search
+from xmodaler_accel.hooks import (
+    EMA,
+    EvalHook,
+    IterationTimer,
+    LRScheduler,
+    PeriodicCheckpointer,
+    PeriodicWriter,
 )
-from xmodaler_accel.config import Config
-from xmodaler_accel.data import CaptionDataset, collate_xe
-from xmodaler_accel.hooks import EMA, EvalHook, ScheduledSampling
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import (
-    attach_default_hooks,
-    attach_writer,
-    default_argument_parser,
-    default_setup,
-    engine_options,
-    run_or_evaluate,
+from xmodaler_accel.setup import default_argument_parser, default_setup
+from xmodaler_accel.tasks.captioning import (
+    CaptionDataset,
+    CaptionEvaluator,
+    ScheduledSampling,
+    captioner_from_config,
+    collate_xe,
+    image_collate,
+    load_caption_config,
+    xe_step,
 )
-from xmodaler_accel.steps import xe_step
 
 
-def build(
-    cfg: Config, accelerator, model: torch.nn.Module | None = None
-) -> tuple[Engine, Callable]:
-    """The XE engine and its evaluation function; `model` replaces the configured captioner."""
+def main() -> None:
+    args = default_argument_parser(epilog=__doc__).parse_args()
+    cfg = load_caption_config(args.config, args.opts)
+    accelerator = default_setup(cfg, args)
+
     # Data: memory-mapped Arrow tables; each image comes with seq_per_img captions.
-    data, tokenizer = open_dataset(cfg)
+    data, tokenizer = open_dataset(cfg), load_tokenizer(dataset_dir(cfg))
     train_set = CaptionDataset(
         data["train"],
         tokenizer,
@@ -59,41 +60,78 @@ def build(
         drop_last=cfg.train.drop_last,
     )
 
-    # Model (or the one given), optimizer, schedule (stepped once per optimizer step).
-    model = model or captioner_from_config(cfg, tokenizer, data["train"])
+    # Model, optimizer, LR schedule (the Engine steps it once per optimizer step).
+    model = captioner_from_config(cfg, tokenizer, data["train"])
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer, cfg.train.max_steps)
+
+    # The step: teacher-forced label-smoothed cross-entropy, each image encoded once.
+    step = partial(xe_step, label_smoothing=cfg.model.label_smoothing)
     engine = Engine(
         accelerator,
         model,
         optimizer,
         train_loader,
-        partial(xe_step, label_smoothing=cfg.model.label_smoothing),
+        step,
         scheduler=scheduler,
-        **engine_options(cfg),
+        max_steps=cfg.train.max_steps,
+        clip_grad=cfg.train.clip_grad.mode,
+        clip_grad_max=cfg.train.clip_grad.max,
+        output_dir=cfg.output_dir,
+        checkpoint_prefix=cfg.checkpoint.prefix,
+        checkpoint_keep=cfg.checkpoint.keep,
+        sync_every=cfg.train.log_every,  # host syncs (metrics, NaN checks) only this often
     )
+
     # Evaluation: beam search over each of eval.splits, coco-caption metrics.
-    evaluate = caption_evaluation(cfg, accelerator, data, tokenizer)
-    return engine, evaluate
+    def decode(model, batch):
+        enc = model.encode(batch["features"], batch["boxes"], batch["region_mask"])
+        return beam_search(
+            model,
+            enc,
+            beam_size=cfg.decode.beam_size,
+            max_len=cfg.decode.max_len,
+            length_norm=float(cfg.decode.length_norm),
+        ).sequences
 
+    evaluators = [
+        CaptionEvaluator(
+            accelerator,
+            data[split],
+            tokenizer,
+            split,
+            decode=decode,
+            collate_fn=image_collate(cfg),
+            batch_size=cfg.eval.batch_size,
+            metrics=cfg.eval.metrics,
+        )
+        for split in cfg.eval.splits
+    ]
 
-def attach_hooks(engine: Engine, cfg: Config, evaluate: Callable) -> EvalHook:
-    """Timer, lr, checkpoints, scheduled sampling, EMA and evaluation (add the writer last)."""
-    attach_default_hooks(engine, cfg)
+    def evaluate(engine: Engine) -> dict:
+        return {split: m for evaluator in evaluators for split, m in evaluator(engine).items()}
+
+    # Hooks run in this order at each event; the writer goes last so it logs what they measured.
+    IterationTimer(cfg.train.timer_warmup).attach(engine)
+    LRScheduler().attach(engine)
+    PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(
+        engine
+    )
     ss = cfg.train.scheduled_sampling
     ScheduledSampling(ss.start_epoch, ss.every, ss.prob, ss.max_prob).attach(engine)
     ema = EMA(cfg.train.ema_decay).attach(engine) if cfg.train.ema_decay > 0 else None
-    return EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start, ema=ema).attach(engine)
+    eval_hook = EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start, ema=ema)
+    eval_hook.attach(engine)
+    PeriodicWriter(cfg.train.log_every).attach(engine)
 
-
-def main() -> None:
-    args = default_argument_parser(epilog=__doc__).parse_args()
-    cfg = load_config(args.config, args.opts, defaults=CAPTION_DEFAULTS)
-    accelerator = default_setup(cfg, args)
-    engine, evaluate = build(cfg, accelerator)
-    eval_hook = attach_hooks(engine, cfg, evaluate)
-    attach_writer(engine, cfg)
-    run_or_evaluate(engine, args, eval_hook)
+    # Run: --resume continues from the newest checkpoint; --eval-only evaluates once and exits.
+    if args.resume:
+        engine.resume(evaluate_only=args.eval_only)
+    if args.eval_only:
+        eval_hook.evaluate(engine)
+        return
+    engine.run()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

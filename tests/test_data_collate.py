@@ -12,21 +12,19 @@ from torch.utils.data import DataLoader
 
 from xmodaler_accel.data import (
     ArrowColumns,
-    CaptionDataset,
     ImageDataset,
     PairDataset,
-    VCRDataset,
     build_synthetic,
+    collate_images,
     collate_pairs,
-    collate_scst,
-    collate_vcr,
-    collate_xe,
     load_tokenizer,
     mask_regions,
     mask_tokens,
     pad_regions,
     synthetic_dir,
 )
+from xmodaler_accel.tasks.captioning import CaptionDataset, collate_xe
+from xmodaler_accel.tasks.vcr import VCRTaskDataset, collate_choices
 
 PARAMS = {"num_train": 40, "num_val": 12, "num_test": 4, "seed": 5}
 
@@ -80,10 +78,11 @@ def test_collate_xe_shifts_targets_and_keeps_one_feature_row_per_image():
         collate_xe([item(0, 2, [[1, 2]]), item(1, 2, [[1, 2], [1, 2]])])
 
 
-def test_collate_scst_keeps_every_reference(data, root):
-    dataset = CaptionDataset(data["val"], load_tokenizer(root))
-    batch = collate_scst([dataset[i] for i in range(3)])
-    assert batch["references"] == data["val"]["captions"][:3]
+def test_image_batches_name_the_rows_their_rewards_look_up(data):
+    dataset = ImageDataset(data["val"])
+    batch = collate_images([dataset[i] for i in (4, 1, 2)])
+    assert batch["index"].tolist() == [4, 1, 2]
+    assert batch["image_ids"].tolist() == [data["val"][i]["image_id"] for i in (4, 1, 2)]
     assert batch["features"].shape[0] == 3 and "input_ids" not in batch
 
 
@@ -129,21 +128,23 @@ def test_pair_dataset_walks_every_caption(data, root):
 
 def test_vcr_batches_carry_tags_to_sub_words(data, root):
     wordpiece = load_tokenizer(root / "wordpiece")
-    dataset = VCRDataset.from_dict(data, "val", wordpiece)
+    qa = VCRTaskDataset.from_dict(data, "val", wordpiece, "qa")
     row = data["vcr_val"][0]
-    example = dataset[0]
-    tokens = wordpiece.convert_ids_to_tokens(example["qa_input_ids"][0])
-    tagged = [(t, tag) for t, tag in zip(tokens, example["qa_tags"][0]) if tag >= 0]
+    example = qa[0]
+    tokens = wordpiece.convert_ids_to_tokens(example["input_ids"][0])
+    tagged = [(t, tag) for t, tag in zip(tokens, example["tags"][0]) if tag >= 0]
     question_tagged = [(w, t) for w, t in zip(row["question"], row["question_tags"]) if t >= 0]
     assert tagged[: len(question_tagged)] == question_tagged
-    batch = collate_vcr([dataset[i] for i in range(3)], use_global_v=True)
-    assert batch["qa_input_ids"].shape[:2] == (3, 4) and batch["qar_tags"].shape[:2] == (3, 4)
-    plain = collate_vcr([dataset[i] for i in range(3)])
-    shifted = batch["qa_tags"]
-    assert torch.equal(shifted, torch.where(plain["qa_tags"] >= 0, plain["qa_tags"] + 1, -1))
-    truncated = collate_vcr([dataset[i] for i in range(3)], max_feat_num=1)
-    assert truncated["qa_tags"].max() <= 0
-    assert batch["answer_label"].tolist() == data["vcr_val"]["answer_label"][:3]
+    items = [qa[i] for i in range(3)]
+    batch = collate_choices(items, use_global_v=True)
+    assert batch["input_ids"].shape[:2] == (3, 4) and batch["tags"].shape[:2] == (3, 4)
+    plain = collate_choices(items)
+    assert torch.equal(batch["tags"], torch.where(plain["tags"] >= 0, plain["tags"] + 1, -1))
+    assert collate_choices(items, max_feat_num=1)["tags"].max() <= 0
+    assert batch["labels"].tolist() == data["vcr_val"]["answer_label"][:3]
+    qar = VCRTaskDataset.from_dict(data, "val", wordpiece, "qar")
+    qar_batch = collate_choices([qar[i] for i in range(3)])
+    assert qar_batch["labels"].tolist() == data["vcr_val"]["rationale_label"][:3]
 
 
 def test_arrow_columns_match_datasets_decoding_without_copies(data):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xmodaler_accel.data import CaptionDataset, build_synthetic, collate_xe, load_tokenizer
+from xmodaler_accel.data import build_synthetic, load_tokenizer
 from xmodaler_accel.data import synthetic_dir as synthetic_root
 from xmodaler_accel.models import (
     EncoderOutput,
@@ -16,6 +16,7 @@ from xmodaler_accel.models import (
     label_smoothed_loss,
 )
 from xmodaler_accel.models.captioning import mix_in_predictions, sample_tokens
+from xmodaler_accel.tasks.captioning import CaptionDataset, collate_xe
 
 VOCAB, FEAT = 30, 16
 SIZES = {

@@ -7,7 +7,7 @@ from datasets import load_from_disk
 
 from xmodaler_accel.data import load_tokenizer, synthetic_dir
 from xmodaler_accel.objectives import IGNORE_INDEX
-from xmodaler_accel.steps.pretrain import PretrainPairs, caption_specials, collate_pretrain
+from xmodaler_accel.tasks.pretraining import PretrainPairs, caption_specials, collate_pretrain
 
 SYNTHETIC = {"seed": 0, "feat_dim": 16, "num_train": 40, "num_val": 8, "num_test": 0}
 

@@ -22,14 +22,13 @@ from xmodaler_accel.models.retrieval import build_single_stream
 from xmodaler_accel.models.transformer import TransformerCaptioner
 from xmodaler_accel.models.vcr import build_vcr_model
 from xmodaler_accel.objectives import IGNORE_INDEX
-from xmodaler_accel.steps.pretrain import (
+from xmodaler_accel.tasks.pretraining import (
     PretrainPairs,
     caption_specials,
     collate_pretrain,
-    count_names,
-    pair_counts,
     pretrain_step,
 )
+from xmodaler_accel.tasks.pretraining.evaluation import count_names, pair_counts
 
 SYNTHETIC = {"seed": 0, "feat_dim": 16, "num_train": 40, "num_val": 8, "num_test": 0}
 SINGLE = {"bert_dir": "", "hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}

@@ -33,27 +33,7 @@ SMALL = [
 METRICS = {"mlm_acc", "caption_acc", "mrm_acc", "itm_acc", "mlm_acc_s2", "caption_acc_s2"}
 METRICS.add("mrm_acc_s2")
 
-# The recipe's own hooks plus a SIGKILL at the end of step $KILL_AT (tests/test_resume.py's way).
-RUNNER = """
-import os, signal, sys
-sys.path.insert(0, sys.argv.pop(1))
-import pretrain as recipe
-from xmodaler_accel import Event, load_config
-from xmodaler_accel.setup import attach_writer, default_argument_parser, default_setup
-
-args = default_argument_parser().parse_args()
-cfg = load_config(args.config, args.opts, defaults=recipe.PRETRAIN_DEFAULTS)
-accelerator = default_setup(cfg, args)
-engine, evaluate = recipe.build(cfg, accelerator)
-recipe.attach_hooks(engine, cfg, evaluate)
-if "KILL_AT" in os.environ:
-    kill = lambda engine: os.kill(os.getpid(), signal.SIGKILL)
-    engine.on(Event.STEP_END, kill, once=int(os.environ["KILL_AT"]))
-attach_writer(engine, cfg)
-if args.resume:
-    engine.resume()
-engine.run()
-"""
+KILLABLE = REPO / "tests" / "fixtures" / "recipe_kill.py"  # KILL_AT=N: SIGKILL after step N
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +84,8 @@ def test_pretraining_writes_metrics_checkpoints_and_fine_tuning_weights(pretrain
 
 
 def test_resume_after_kill_in_second_epoch_is_bitwise_exact(pretrained, cache_dir, tmp_path):
-    script = tmp_path / "runner.py"
-    script.write_text(RUNNER)
-    config, pre = RECIPES / "synthetic_pretrain.yaml", [str(RECIPES)]
+    script, config = KILLABLE, RECIPES / "synthetic_pretrain.yaml"
+    pre = [str(RECIPES / "pretrain.py")]
     proc = run(script, config, cache_dir, tmp_path, *SMALL, env={"KILL_AT": "30"}, pre=pre)
     assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), proc.stderr[-3000:]
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_28"

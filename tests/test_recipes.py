@@ -1,6 +1,7 @@
 """The captioning recipes and examples end to end on a tiny synthetic task (subprocesses)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -26,9 +27,6 @@ TINY = [
     "checkpoint.every=3",
     "eval.batch_size=16",
     "decode.max_len=8",
-    "scst.batch_size=8",
-    "scst.max_steps=4",
-    "scst.eval_every=4",
 ]
 
 
@@ -81,8 +79,6 @@ def test_xe_recipe_writes_the_output_contract(xe_run):
 
 def test_xe_resume_continues_from_the_newest_checkpoint(xe_run, tmp_path):
     out = tmp_path / "resumed"
-    import shutil
-
     shutil.copytree(xe_run / "xe", out)
     proc = run(
         "recipes/xe.py",
@@ -111,8 +107,6 @@ def test_xe_eval_only_scores_given_weights(xe_run, tmp_path):
 
 
 def test_xe_eval_only_resume_scores_the_newest_checkpoint(xe_run, tmp_path):
-    import shutil
-
     out = tmp_path / "run"
     shutil.copytree(xe_run / "xe", out)
     shutil.rmtree(out / "eval")
@@ -145,7 +139,9 @@ def test_scst_recipe_from_xe_weights_logs_rewards_and_time_split(xe_run):
     run(
         "recipes/scst.py",
         f"model.weights={xe_run / 'xe/checkpoints/step_6'}",
-        f"scst.output_dir={out}",
+        f"output_dir={out}",
+        "train.max_steps=4",
+        "eval.every=4",
         "train.log_every=2",
         cache=xe_run / "cache",
     )
@@ -165,21 +161,41 @@ def test_scst_recipe_from_xe_weights_logs_rewards_and_time_split(xe_run):
     assert list((xe_run / "cache").glob("*/cider_cache/*"))  # document frequencies cached
 
 
-def test_scst_without_weights_is_refused(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "recipes/scst.py"),
-            "--config",
-            str(REPO / "recipes/synthetic.yaml"),
-        ],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
+def own_config(tmp_path):
+    """A user's copy of synthetic.yaml with its own XE and SCST output directories."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        f"_base_: {REPO / 'recipes/synthetic.yaml'}\n"
+        f"output_dir: {tmp_path / 'xe'}\n"
+        f"scst: {{output_dir: {tmp_path / 'scst'}}}\n"
     )
-    assert proc.returncode != 0 and "SCST starts from XE weights" in proc.stderr
+    return path
+
+
+def test_scst_without_an_xe_run_says_to_run_xe_first(tmp_path):
+    config = own_config(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "recipes/scst.py"), "--config", str(config)],
+        env=subprocess_env(), capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert f"run `python recipes/xe.py --config {config}` first" in proc.stderr
+    assert not (tmp_path / "scst").exists()
+
+
+def test_scst_starts_from_the_newest_checkpoint_of_the_xe_run(xe_run, tmp_path):
+    config = own_config(tmp_path)
+    shutil.copytree(xe_run / "xe", tmp_path / "xe")
+    cmd = [sys.executable, str(REPO / "recipes/scst.py"), "--config", str(config), *TINY]
+    cmd += [f"data.cache_dir={xe_run / 'cache'}", "train.max_steps=2", "eval.every=0"]
+    proc = subprocess.run(
+        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = yaml.safe_load((tmp_path / "scst/config.yaml").read_text())
+    assert ran["model"]["weights"] == str(tmp_path / "xe/checkpoints/step_6")
+    assert ran["output_dir"] == str(tmp_path / "scst") and ran["optim"]["lr"] == 2e-5
+    assert (tmp_path / "scst/checkpoints/step_2").is_dir()
 
 
 def test_example_custom_hook(xe_run, tmp_path):
@@ -233,8 +249,12 @@ def test_xe_with_wandb_offline_logs_a_caption_table(xe_run, tmp_path):
 
 def test_coco_config_parses_and_builds_its_model_on_2048d_features(tmp_path):
     from xmodaler_accel import load_config
-    from xmodaler_accel.captioning import CAPTION_DEFAULTS, captioner_from_config
     from xmodaler_accel.data import build_synthetic, load_tokenizer, synthetic_dir
+    from xmodaler_accel.tasks.captioning import (
+        CAPTION_DEFAULTS,
+        captioner_from_config,
+        load_scst_config,
+    )
 
     cfg = load_config(REPO / "recipes/coco.yaml", defaults=CAPTION_DEFAULTS)
     params = dict(num_train=8, num_val=4, num_test=4, feat_dim=2048)
@@ -244,4 +264,12 @@ def test_coco_config_parses_and_builds_its_model_on_2048d_features(tmp_path):
     )
     assert sum(p.numel() for p in model.parameters()) > 40_000_000  # d512, 6+6 layers
     assert cfg.lr_scheduler.name == "noam" and cfg.train.clip_grad.mode == "value"
-    assert cfg.scst.lr == 1e-5 and cfg.decode.beam_size == 2
+    assert cfg.decode.beam_size == 2
+    scst = load_scst_config(REPO / "recipes/coco.yaml", ["model.weights=xe.safetensors"])
+    assert (scst.output_dir, scst.train.max_steps, scst.train.batch_size) == (
+        "output/coco_scst",
+        212430,
+        16,
+    )
+    assert (scst.optim.lr, scst.lr_scheduler.name, scst.eval.every) == (1e-5, "constant", 7081)
+    assert scst.train.clip_grad.mode == "value" and scst.decode.beam_size == 2

@@ -11,7 +11,7 @@ from xmodaler_accel.config import Config
 from xmodaler_accel.data import load_tokenizer, synthetic_dir
 from xmodaler_accel.metrics.retrieval import recall_at_k
 from xmodaler_accel.models.retrieval import build_single_stream, build_two_stream
-from xmodaler_accel.retrieval_eval import (
+from xmodaler_accel.tasks.retrieval.evaluation import (
     EvalSettings,
     RetrievalSplit,
     embed_split,

@@ -9,7 +9,7 @@ import torch
 from xmodaler_accel.config import Config
 from xmodaler_accel.models.retrieval import build_single_stream, build_two_stream
 from xmodaler_accel.models.single_stream import build_bert
-from xmodaler_accel.steps.retrieval import (
+from xmodaler_accel.tasks.retrieval.steps import (
     clip_inputs,
     gather_with_grad,
     infonce_loss,

@@ -8,7 +8,7 @@ import torch
 
 from xmodaler_accel.decoding import beam_search, greedy, sample
 from xmodaler_accel.models import build_captioner
-from xmodaler_accel.steps.captioning import _group_baseline, scst_step
+from xmodaler_accel.tasks.captioning.steps import _group_baseline, scst_step
 
 
 class LengthScorer:

@@ -61,26 +61,26 @@ def xe_weights(tmp_path_factory):
 
 def test_scst_resume_is_bitwise_exact(xe_weights):
     root, weights = xe_weights
-    common = [f"model.weights={weights}", "scst.eval_every=0", "checkpoint.every=2"]
+    common = [f"model.weights={weights}", "eval.every=0", "checkpoint.every=2"]
     recipe(
         "recipes/scst.py",
         *common,
-        f"scst.output_dir={root / 'a'}",
-        "scst.max_steps=4",
+        f"output_dir={root / 'a'}",
+        "train.max_steps=4",
         cache=root / "cache",
     )
     recipe(
         "recipes/scst.py",
         *common,
-        f"scst.output_dir={root / 'b'}",
-        "scst.max_steps=2",
+        f"output_dir={root / 'b'}",
+        "train.max_steps=2",
         cache=root / "cache",
     )
     recipe(
         "recipes/scst.py",
         *common,
-        f"scst.output_dir={root / 'b'}",
-        "scst.max_steps=4",
+        f"output_dir={root / 'b'}",
+        "train.max_steps=4",
         "--resume",
         cache=root / "cache",
     )
@@ -94,26 +94,26 @@ def test_two_process_scst_agrees_with_one_process(xe_weights):
     root, weights = xe_weights
     common = [
         f"model.weights={weights}",
-        "scst.eval_every=0",
-        "scst.sampler=beam",
-        "scst.baseline=mean",
-        "scst.samples_per_image=3",
-        "scst.max_steps=4",
+        "eval.every=0",
+        "rl.sampler=beam",
+        "rl.baseline=mean",
+        "rl.samples_per_image=3",
+        "train.max_steps=4",
         "train.log_every=1",
         *NO_DROPOUT,
     ]
     recipe(
         "recipes/scst.py",
         *common,
-        f"scst.output_dir={root / 'one'}",
-        "scst.batch_size=8",
+        f"output_dir={root / 'one'}",
+        "train.batch_size=8",
         cache=root / "cache",
     )
     proc = recipe(
         "recipes/scst.py",
         *common,
-        f"scst.output_dir={root / 'two'}",
-        "scst.batch_size=4",
+        f"output_dir={root / 'two'}",
+        "train.batch_size=4",
         cache=root / "cache",
         nproc=2,
     )
@@ -131,12 +131,12 @@ def test_scst_raises_the_mean_reward(xe_weights):
     recipe(
         "recipes/scst.py",
         f"model.weights={weights}",
-        f"scst.output_dir={root / 'learn'}",
-        "scst.max_steps=60",
-        "scst.lr=0.002",
-        "scst.eval_every=0",
+        f"output_dir={root / 'learn'}",
+        "train.max_steps=60",
+        "optim.lr=0.002",
+        "eval.every=0",
         "train.log_every=10",
-        "scst.baseline=leave_one_out",
+        "rl.baseline=leave_one_out",
         cache=root / "cache",
     )
     rewards = [r for _, r in losses(root / "learn", "reward")]

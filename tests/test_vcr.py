@@ -11,8 +11,8 @@ from xmodaler_accel.config import Config
 from xmodaler_accel.data import MalformedLineError, load_tokenizer, read_vcr, synthetic_dir
 from xmodaler_accel.metrics.vcr import vcr_accuracy
 from xmodaler_accel.models.vcr import MODEL_INPUTS, build_vcr_model
-from xmodaler_accel.steps.vcr import (
-    SecondLoader,
+from xmodaler_accel.second_loader import SecondLoader
+from xmodaler_accel.tasks.vcr import (
     VCRTaskDataset,
     collate_choices,
     concat_choice_batches,

@@ -16,6 +16,7 @@ from xmodaler_accel.data import synthetic_dir
 # so the two loaders' epochs end at different steps.
 SYNTHETIC = {"seed": 0, "feat_dim": 16, "num_train": 30, "num_val": 13, "num_test": 0}
 CONFIG = REPO / "recipes" / "synthetic_vcr.yaml"
+RECIPE = REPO / "recipes" / "vcr.py"
 TINY = [
     "train.batch_size=8",
     "vcr.qar_batch_size=6",
@@ -41,11 +42,11 @@ def cache(tmp_path_factory):
 
 def run_recipe(cache_dir, output_dir, *overrides, resume=False, kill_at=None, eval_only=False):
     data = [f"data.synthetic.{k}={v}" for k, v in SYNTHETIC.items()]
-    cmd = [sys.executable, str(FIXTURES / "vcr_kill.py"), "--config", str(CONFIG)]
+    cmd = [sys.executable, str(FIXTURES / "recipe_kill.py"), str(RECIPE), "--config", str(CONFIG)]
     cmd += ["--resume"] if resume else []
     cmd += ["--eval-only"] if eval_only else []
     cmd += [f"output_dir={output_dir}", f"data.cache_dir={cache_dir}", *data, *TINY, *overrides]
-    env = subprocess_env(**({"VCR_KILL_AT": str(kill_at)} if kill_at else {}))
+    env = subprocess_env(**({"KILL_AT": str(kill_at)} if kill_at else {}))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     expected = (-signal.SIGKILL, 128 + signal.SIGKILL) if kill_at else (0,)
     assert proc.returncode in expected, proc.stdout[-3000:] + proc.stderr[-3000:]

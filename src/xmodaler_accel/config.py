@@ -48,13 +48,14 @@ DEFAULTS: dict[str, Any] = {
         "momentum": 0.9,
     },
     "lr_scheduler": {
-        # "constant" | "noam" | "warmup_linear" | "warmup_cosine" | "step"
+        # "constant" | "noam" | "warmup_linear" | "warmup_cosine" | "step" | "warmup_multistep"
         "name": "constant",
         "warmup_steps": 0,
         "model_size": 512,  # noam
         "factor": 1.0,  # noam
         "step_size": 1000,  # step
-        "gamma": 0.1,  # step
+        "gamma": 0.1,  # step, warmup_multistep
+        "milestones": [],  # warmup_multistep: steps at which the rate is multiplied by gamma
         "min_lr_ratio": 0.0,  # cosine / linear floor
     },
     "eval": {"batch_size": 64, "every": 0, "start": 0},
@@ -240,6 +241,23 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> None:
         value = raw if isinstance(current, str) else _parse_value(raw)
         checked = _check_type(dotted, current, value, "override")
         node[parts[-1]] = Config(checked) if isinstance(checked, Mapping) else checked
+
+
+def apply_section(cfg: Config, name: str, overrides: Iterable[str] = ()) -> Config:
+    """A copy of `cfg` with its `name:` section (e.g. `scst:`) set over the keys it names, then the
+    command-line `overrides` outside that section applied again: base YAML < section < command
+    line. The section stays in the copy, so the saved config runs the same way again."""
+    section = cfg.get(name)
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"config key '{name}': expected a mapping of overrides, got {section!r}")
+    if name in section:
+        raise ConfigError(f"config key '{name}.{name}': a section cannot override itself")
+    out = copy.deepcopy(cfg)
+    merged = out.to_dict()
+    _merge(merged, copy.deepcopy(section.to_dict()), f"section '{name}'", strict=True, prefix="")
+    out = Config(merged)
+    apply_overrides(out, [o for o in overrides if not o.split("=", 1)[0].startswith(f"{name}.")])
+    return out
 
 
 def _parse_value(raw: str) -> Any:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data.collate import IGNORE_INDEX
+from .masking import IGNORE_INDEX
 from .models.captioning import label_smoothed_loss
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from bisect import bisect_right
 from typing import Any
 
 import torch
@@ -49,6 +50,14 @@ def lr_factor(cfg: Any, max_steps: int):
         return noam
     if name == "step":
         return lambda step: s.gamma ** (step // s.step_size)
+    if name == "warmup_multistep":  # X-modaler's WarmupMultiStepLR
+        milestones = sorted(s.milestones)
+
+        def multistep(step: int) -> float:
+            ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+            return ramp * s.gamma ** bisect_right(milestones, step)
+
+        return multistep
     if name in ("warmup_linear", "warmup_cosine"):
 
         def decay(step: int) -> float:
@@ -65,7 +74,7 @@ def lr_factor(cfg: Any, max_steps: int):
         return decay
     raise ValueError(
         f"config key 'lr_scheduler.name': unknown schedule {s.name!r} "
-        "(constant, noam, step, warmup_linear, warmup_cosine)"
+        "(constant, noam, step, warmup_multistep, warmup_linear, warmup_cosine)"
     )
 
 

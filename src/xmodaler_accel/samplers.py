@@ -31,6 +31,11 @@ class ResumableSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def position_seed(self, samples_in_epoch: int) -> int:
+        """Seed of the loader's generator (worker seeds) at a position: a function of
+        (seed, epoch, position) only, so a resumed epoch draws what an uninterrupted one does."""
+        return self.seed * 1_000_003 + self.epoch * 7919 + samples_in_epoch
+
     def skip(self, start_index: int) -> None:
         """Start the current epoch at `start_index` samples in; `skip(0)` for a full epoch."""
         self.start_index = max(0, min(start_index, self.num_samples))

@@ -1,4 +1,4 @@
-"""The seed's set-up helpers: argument parser, run set-up, writers, default hooks and `launch`."""
+"""The seed's set-up helpers: argument parser, run set-up, writers and `launch`."""
 
 from __future__ import annotations
 
@@ -167,49 +167,6 @@ def environment_info(accelerator: Accelerator) -> str:
             f"precision    {accelerator.mixed_precision}",
         ]
     )
-
-
-def engine_options(cfg: Config) -> dict[str, Any]:
-    """The Engine's keyword arguments that come from the config (`train:`, `checkpoint:`)."""
-    return {
-        "max_steps": cfg.train.max_steps,
-        "clip_grad": cfg.train.clip_grad.mode,
-        "clip_grad_max": cfg.train.clip_grad.max,
-        "output_dir": cfg.output_dir,
-        "checkpoint_prefix": cfg.checkpoint.prefix,
-        "checkpoint_keep": cfg.checkpoint.keep,
-        "sync_every": cfg.train.log_every,
-    }
-
-
-def attach_default_hooks(engine: Any, cfg: Config) -> None:
-    """Timer, LR logging, checkpointing; add an EvalHook, then `attach_writer` last."""
-    from .hooks import IterationTimer, LRScheduler, PeriodicCheckpointer
-
-    IterationTimer(cfg.train.timer_warmup).attach(engine)
-    LRScheduler().attach(engine)
-    PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(
-        engine
-    )
-
-
-def attach_writer(engine: Any, cfg: Config) -> None:
-    from .hooks import PeriodicWriter
-
-    PeriodicWriter(cfg.train.log_every).attach(engine)
-
-
-def run_or_evaluate(engine: Any, args: argparse.Namespace, eval_hook: Any) -> None:
-    """The end of every recipe, with its hooks attached: `--resume`, then train, or with
-    `--eval-only` evaluate once the weights of `model.weights=` or, with `--resume`, the newest
-    checkpoint (through `eval_hook`, so with the EMA weights where an EMA hook is attached)."""
-    if args.resume:
-        engine.resume(evaluate_only=args.eval_only)
-    if args.eval_only:
-        eval_hook.evaluate(engine)
-        return
-    engine.run()
-    engine.accelerator.end_training()
 
 
 # ------------------------------------------------------------------------------------ launch

@@ -8,9 +8,6 @@ memory-mapped, with `tokenizer/` and `meta.json` beside the splits. The command 
 from .collate import (
     collate_images,
     collate_pairs,
-    collate_scst,
-    collate_vcr,
-    collate_xe,
     mask_regions,
     mask_tokens,
     pad_ids,
@@ -18,7 +15,7 @@ from .collate import (
 )
 from .columns import ArrowColumns
 from .converters import convert_images, convert_karpathy, read_karpathy
-from .datasets import CaptionDataset, ImageDataset, PairDataset, VCRDataset
+from .datasets import ImageDataset, PairDataset
 from .errors import (
     DataError,
     EmptyCaptionError,
@@ -36,6 +33,7 @@ from .features import (
     open_features,
 )
 from .pairs import convert_pairs, read_pairs
+from .source import DATASET_DEFAULTS, dataset_dir, open_dataset
 from .store import (
     SplitWriter,
     atomic_directory,
@@ -55,9 +53,9 @@ from .tokenizer import (
 from .vcr import convert_vcr, read_vcr
 
 __all__ = [
+    "DATASET_DEFAULTS",
     "ArrowColumns",
     "BottomUpTSV",
-    "CaptionDataset",
     "DataError",
     "EmptyCaptionError",
     "FeatureFileNotFoundError",
@@ -71,19 +69,16 @@ __all__ = [
     "SplitWriter",
     "SyntheticConfig",
     "UnknownSplitError",
-    "VCRDataset",
     "atomic_directory",
     "build_synthetic",
     "build_word_vocab",
     "collate_images",
     "collate_pairs",
-    "collate_scst",
-    "collate_vcr",
-    "collate_xe",
     "convert_images",
     "convert_karpathy",
     "convert_pairs",
     "convert_vcr",
+    "dataset_dir",
     "default_cache_dir",
     "image_table_features",
     "karpathy_tokenize",
@@ -92,6 +87,7 @@ __all__ = [
     "location_features",
     "mask_regions",
     "mask_tokens",
+    "open_dataset",
     "open_features",
     "pad_ids",
     "pad_regions",

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..masking import IGNORE_INDEX
+
 GLOBAL_BOX = np.array([0.0, 0.0, 1.0, 1.0, 1.0], dtype=np.float32)
-IGNORE_INDEX = -100
 
 
 def pad_regions(
@@ -103,41 +104,6 @@ def collate_images(
     return batch
 
 
-def collate_xe(
-    items: Sequence[dict[str, Any]],
-    *,
-    max_feat_num: int = 50,
-    use_global_v: bool = False,
-    pad_id: int = 0,
-    ignore_index: int = IGNORE_INDEX,
-) -> dict[str, Any]:
-    """Teacher-forcing batch: `input_ids` = BOS w1..wn, `target_ids` = w1..wn EOS (padding
-    `ignore_index`), [B * seq_per_img, T], rows image-major; regions stay [B, N, D]."""
-    per_image = {len(item["input_ids"]) for item in items}
-    if len(per_image) != 1:
-        raise ValueError(
-            f"images have {sorted(per_image)} captions each; build CaptionDataset with "
-            "seq_per_img=... so that every image gives the same number"
-        )
-    batch = collate_images(items, max_feat_num=max_feat_num, use_global_v=use_global_v)
-    sequences = [seq for item in items for seq in item["input_ids"]]
-    inputs, token_mask = pad_ids([seq[:-1] for seq in sequences], pad_id=pad_id)
-    targets, _ = pad_ids([seq[1:] for seq in sequences], pad_id=ignore_index)
-    batch.update(
-        input_ids=inputs, target_ids=targets, token_mask=token_mask, seq_per_img=per_image.pop()
-    )
-    return batch
-
-
-def collate_scst(
-    items: Sequence[dict[str, Any]], *, max_feat_num: int = 50, use_global_v: bool = False
-) -> dict[str, Any]:
-    """One row per image with every reference caption (for rewards and evaluation)."""
-    batch = collate_images(items, max_feat_num=max_feat_num, use_global_v=use_global_v)
-    batch["references"] = [list(item["references"]) for item in items]
-    return batch
-
-
 def collate_pairs(
     items: Sequence[dict[str, Any]],
     *,
@@ -159,48 +125,6 @@ def collate_pairs(
         attention_mask=mask,
         image_index=torch.tensor([item["image_index"] for item in items], dtype=torch.long),
     )
-    return batch
-
-
-def _stack_choices(
-    items: Sequence[dict[str, Any]], prefix: str, pad_id: int, shift: int, kept: list[int]
-) -> dict[str, torch.Tensor]:
-    """[B, 4, T] ids, token types, attention mask and region tags for one VCR sub-task."""
-    flat_ids = [seq for item in items for seq in item[f"{prefix}_input_ids"]]
-    ids, mask = pad_ids(flat_ids, pad_id=pad_id)
-    types, _ = pad_ids([s for item in items for s in item[f"{prefix}_token_type_ids"]])
-    tags, _ = pad_ids([s for item in items for s in item[f"{prefix}_tags"]], pad_id=-1)
-    choices = len(items[0][f"{prefix}_input_ids"])
-    limits = torch.tensor(kept).repeat_interleave(choices)[:, None]
-    tags = torch.where((tags >= 0) & (tags < limits), tags + shift, torch.full_like(tags, -1))
-    shape = (len(items), choices, ids.shape[1])
-    return {
-        f"{prefix}_input_ids": ids.view(shape),
-        f"{prefix}_attention_mask": mask.view(shape),
-        f"{prefix}_token_type_ids": types.view(shape),
-        f"{prefix}_tags": tags.view(shape),
-    }
-
-
-def collate_vcr(
-    items: Sequence[dict[str, Any]],
-    *,
-    max_feat_num: int = 100,
-    use_global_v: bool = False,
-    pad_id: int = 0,
-) -> dict[str, Any]:
-    """VCR batch: regions plus `qa_*` and `qar_*` [B, 4, T] tensors and both labels.
-
-    Tags index the padded region axis (shifted by one with `use_global_v`); a tag that points
-    past `max_feat_num` truncation becomes -1.
-    """
-    batch = collate_images(items, max_feat_num=max_feat_num, use_global_v=use_global_v)
-    limit = max_feat_num if max_feat_num > 0 else None
-    kept = [len(item["features"][:limit]) for item in items]
-    for prefix in ("qa", "qar"):
-        batch.update(_stack_choices(items, prefix, pad_id, int(use_global_v), kept))
-    for name in ("answer_label", "rationale_label"):
-        batch[name] = torch.tensor([item[name] for item in items], dtype=torch.long)
     return batch
 
 

@@ -7,15 +7,14 @@ see `CaptionModel` for the interface decoding, steps and recipes use.
 
 from typing import Any
 
+from ..masking import IGNORE_INDEX, masked_mean
 from .captioning import (
-    IGNORE_INDEX,
     CaptionModel,
     DecoderState,
     EncoderOutput,
     TokenEmbedding,
     VisualEmbedding,
     label_smoothed_loss,
-    masked_mean,
 )
 from .pretrain import TDENPretrainModel, build_pretrain_model, export_finetune_weights
 from .retrieval import build_retrieval_model

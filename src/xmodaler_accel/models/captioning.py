@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from ..masking import IGNORE_INDEX
+
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 DecoderState = tuple[Tensor, ...]
@@ -206,12 +207,6 @@ class VisualEmbedding(nn.Module):
         if self.boxes is not None:
             x = x + self.boxes(boxes)
         return self.dropout(self.norm(F.relu(x)))
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of x [B, N, d] over positions where mask [B, N] is True."""
-    weights = mask.to(x.dtype)[..., None]
-    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 def sample_tokens(logits: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
-from ..data.collate import IGNORE_INDEX
+from ..masking import IGNORE_INDEX
 from .single_stream import ITMHead, SingleStreamEncoder, bert_from_config
 from .transformer import TransformerCaptioner
 from .vcr import VISUAL_TYPE_ID as VCR_VISUAL_TYPE_ID  # text 0, choice 1, regions 2

@@ -10,15 +10,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ..masking import masked_mean
 from .single_stream import ITMHead, SingleStreamEncoder, bert_from_config
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps the learned inverse temperature here
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` [B, L, H] over the positions where `mask` [B, L] is true."""
-    weights = mask.to(x.dtype)[..., None]
-    return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def _transformer(hidden: int, heads: int, layers: int, dropout: float) -> nn.TransformerEncoder:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..masking import masked_mean
 from .captioning import (
     BOS_ID,
     EOS_ID,
@@ -20,7 +21,6 @@ from .captioning import (
     EncoderOutput,
     TokenEmbedding,
     VisualEmbedding,
-    masked_mean,
     sample_tokens,
 )
 

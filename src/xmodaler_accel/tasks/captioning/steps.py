@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..decoding import beam_search, greedy, sample
-from ..models.captioning import label_smoothed_loss
+from ...decoding import beam_search, greedy, sample
+from ...models.captioning import label_smoothed_loss
 
 SAMPLERS = ("sample", "beam")
 BASELINES = ("greedy", "mean", "leave_one_out")
@@ -122,11 +122,3 @@ def _sequence_log_probs(
 
 def _as_device(values: Any, device: torch.device) -> Tensor:
     return torch.as_tensor(values, dtype=torch.float32).to(device, non_blocking=True)
-
-
-def scst_time_split(engine: Any) -> None:
-    """STEP_END hook (after IterationTimer): the rest of the step is backward + optimizer."""
-    parts = ("time_generate", "time_reward", "time_forward")
-    if "time" in engine.scalars and all(p in engine.scalars for p in parts):
-        rest = engine.scalars["time"] - sum(engine.scalars[p] for p in parts)
-        engine.scalars["time_backward"] = max(rest, 0.0)

@@ -21,10 +21,10 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .data import ImageDataset, collate_images, pad_ids
-from .metrics.retrieval import DEFAULT_KS, RetrievalRanks
-from .models.retrieval import TwoStreamRetrieval
-from .steps.retrieval import clip_inputs
+from ...data import ImageDataset, collate_images, pad_ids
+from ...metrics.retrieval import DEFAULT_KS, RetrievalRanks
+from ...models.retrieval import TwoStreamRetrieval
+from .steps import clip_inputs
 
 logger = logging.getLogger(__name__)
 

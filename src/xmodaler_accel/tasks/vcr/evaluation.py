@@ -18,10 +18,10 @@ from accelerate.utils import send_to_device
 from datasets import DatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from .evaluation import gather_predictions
-from .metrics.vcr import vcr_accuracy
-from .models.vcr import MODEL_INPUTS
-from .steps.vcr import VCRTaskDataset
+from ...evaluation import gather_predictions
+from ...metrics.vcr import vcr_accuracy
+from ...models.vcr import MODEL_INPUTS
+from .data import VCRTaskDataset
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,36 @@
+"""Where a recipe's data comes from: `data.source` is "synthetic" (the embedded scenes, built on
+first use with `data.synthetic`, then cached) or a directory written by
+`python -m xmodaler_accel.data.convert`. Every task reads its data through here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .synthetic import build_synthetic, synthetic_dir
+
+# The `data:` keys every recipe understands; each task adds its own beside them.
+DATASET_DEFAULTS: dict[str, Any] = {
+    "source": "synthetic",
+    "cache_dir": "",
+    "synthetic": {"seed": 0, "feat_dim": 256, "num_train": 4000, "num_val": 500, "num_test": 500},
+}
+
+
+def dataset_dir(cfg: Any) -> Path:
+    """The dataset directory (built for the synthetic task on first use, then cached)."""
+    if cfg.data.source == "synthetic":
+        return synthetic_dir(cfg.data.cache_dir or None, **cfg.data.synthetic)
+    path = Path(cfg.data.source)
+    if not path.is_dir():
+        raise FileNotFoundError(f"config key 'data.source': no dataset directory at {path}")
+    return path
+
+
+def open_dataset(cfg: Any):
+    """The `DatasetDict` of `data.source`, memory-mapped."""
+    from datasets import load_from_disk
+
+    if cfg.data.source == "synthetic":
+        return build_synthetic(cfg.data.cache_dir or None, **cfg.data.synthetic)
+    return load_from_disk(str(dataset_dir(cfg)))

@@ -1,0 +1,92 @@
+"""Captioning evaluation: beam-search a split, gather one caption per image from all processes
+(duplicates from padded samplers dropped, coverage checked), score with the coco-caption metrics
+on the main process and write `eval/<split>_step<N>_captions.json` (COCO results format).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import broadcast_object_list
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ...data import ImageDataset
+from ...evaluation import gather_predictions, write_json_atomic
+from ...metrics import score_captions
+
+logger = logging.getLogger(__name__)
+
+
+class CaptionEvaluator:
+    """`evaluator(engine) -> {split: metrics}`: beam-search a split and score it (collective)."""
+
+    def __init__(
+        self,
+        accelerator: Any,
+        table: Any,
+        tokenizer: Any,
+        split: str,
+        *,
+        decode: Callable[[torch.nn.Module, dict], torch.Tensor],
+        collate_fn: Callable,
+        batch_size: int,
+        metrics: Sequence[str],
+    ) -> None:
+        self.accelerator, self.tokenizer, self.split = accelerator, tokenizer, split
+        self.decode, self.metrics = decode, tuple(metrics)
+        loader = DataLoader(
+            ImageDataset(table), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
+        )
+        self.loader = accelerator.prepare_data_loader(loader)
+        self.references = dict(zip(table["image_id"], table["captions"]))
+
+    def predict(self, model: torch.nn.Module) -> dict[int, str]:
+        ids: list[int] = []
+        captions: list[str] = []
+        progress = tqdm(
+            self.loader,
+            desc=f"eval {self.split}",
+            leave=False,
+            disable=not self.accelerator.is_local_main_process,
+        )
+        for batch in progress:
+            tokens = self.decode(model, batch)
+            captions += self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
+            ids += batch["image_ids"].tolist()
+        return gather_predictions(self.accelerator, ids, captions, list(self.references))
+
+    def __call__(self, engine: Any) -> dict[str, dict[str, float]]:
+        predictions = self.predict(engine.unwrapped_model)
+        result: list[Any] = [None]
+        if self.accelerator.is_main_process:
+            refs = {i: self.references[i] for i in predictions}
+            result[0] = score_captions(predictions, refs, metrics=self.metrics)
+            path = (
+                Path(engine.output_dir) / "eval" / f"{self.split}_step{engine.step}_captions.json"
+            )
+            write_json_atomic(path, [{"image_id": i, "caption": c} for i, c in predictions.items()])
+            self.log_samples(predictions, engine.step)
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(result)
+        return {self.split: result[0]}
+
+    def log_samples(self, predictions: dict[int, str], step: int, count: int = 16) -> None:
+        """A W&B table of sample captions with their references, when W&B is logging."""
+        trackers = {t.name: t for t in self.accelerator.trackers}
+        if "wandb" not in trackers:
+            return
+        rows = [
+            [image_id, caption, " | ".join(self.references[image_id])]
+            for image_id, caption in list(predictions.items())[:count]
+        ]
+        trackers["wandb"].log_table(
+            f"{self.split}/samples",
+            columns=["image_id", "caption", "references"],
+            data=rows,
+            step=step,
+        )
