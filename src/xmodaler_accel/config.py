@@ -246,7 +246,8 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> None:
 def apply_section(cfg: Config, name: str, overrides: Iterable[str] = ()) -> Config:
     """A copy of `cfg` with its `name:` section (e.g. `scst:`) set over the keys it names, then the
     command-line `overrides` outside that section applied again: base YAML < section < command
-    line. The section stays in the copy, so the saved config runs the same way again."""
+    line. The section stays in the copy holding the values that won, so the saved config runs
+    the same way again."""
     section = cfg.get(name)
     if not isinstance(section, Mapping):
         raise ConfigError(f"config key '{name}': expected a mapping of overrides, got {section!r}")
@@ -257,7 +258,17 @@ def apply_section(cfg: Config, name: str, overrides: Iterable[str] = ()) -> Conf
     _merge(merged, copy.deepcopy(section.to_dict()), f"section '{name}'", strict=True, prefix="")
     out = Config(merged)
     apply_overrides(out, [o for o in overrides if not o.split("=", 1)[0].startswith(f"{name}.")])
+    _record_section(out, out[name])
     return out
+
+
+def _record_section(resolved: Mapping, section: dict) -> None:
+    """Write the values that won back into the section, so that applying it again is a no-op."""
+    for key, value in section.items():
+        if isinstance(value, dict):
+            _record_section(resolved[key], value)
+        else:
+            section[key] = copy.deepcopy(resolved[key])
 
 
 def _parse_value(raw: str) -> Any:
