@@ -199,14 +199,21 @@ def test_scst_starts_from_the_newest_checkpoint_of_the_xe_run(xe_run, tmp_path):
 
 
 def test_example_custom_hook(xe_run, tmp_path):
-    run("examples/custom_hook.py", f"output_dir={tmp_path}", cache=xe_run / "cache")
+    # --resume with no checkpoint yet starts from scratch, as in the recipes.
+    run("examples/custom_hook.py", "--resume", f"output_dir={tmp_path}", cache=xe_run / "cache")
     last = [r for r in jsonl(tmp_path / "metrics.jsonl") if "loss" in r][-1]
     assert last["images_per_s"] > 0 and last["lr_x1000"] > 0
 
 
-def test_example_custom_model(xe_run, tmp_path):
-    run("examples/custom_model.py", f"output_dir={tmp_path}", cache=xe_run / "cache")
-    assert (tmp_path / "eval" / "test_step6_captions.json").is_file()
+def test_example_custom_model_trains_and_scores_its_own_weights(xe_run, tmp_path):
+    run("examples/custom_model.py", f"output_dir={tmp_path / 'run'}", cache=xe_run / "cache")
+    assert (tmp_path / "run/eval/test_step6_captions.json").is_file()
+    weights = f"model.weights={tmp_path / 'run/checkpoints/step_6'}"
+    run("examples/custom_model.py", "--eval-only", weights, f"output_dir={tmp_path / 'eval'}",
+        cache=xe_run / "cache")  # fmt: skip
+    scored = json.loads((tmp_path / "eval/eval/val_step0.json").read_text())["metrics"]
+    trained = json.loads((tmp_path / "run/eval/val_step6.json").read_text())["metrics"]
+    assert scored == pytest.approx(trained)
 
 
 def test_example_wandb_sweep_parameters_are_recipe_keys(xe_run, tmp_path):
