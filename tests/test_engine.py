@@ -1,6 +1,11 @@
 """The Engine loop: accumulation, clipping, scheduling, no host syncs, non-finite losses."""
 
 import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +20,8 @@ from xmodaler_accel.hooks import (
     PeriodicCheckpointer,
     PeriodicWriter,
 )
+from xmodaler_accel.step_metrics import StepMetrics
+from xmodaler_accel.stop_signal import StopSignal
 
 
 def test_grad_accumulation_2x_half_batch_equals_full_batch(tmp_path):
@@ -239,3 +246,87 @@ def test_collect_metrics_averages_since_last_call(tmp_path):
     engine.on(Event.STEP_END, lambda e: seen.append(e.collect_metrics()["k"]), every=2)
     engine.run()
     assert seen == [1.5, 3.5]
+
+
+# ---------------------------------------------------------------- the loop's parts
+def test_engine_module_is_a_loop_read_at_once():
+    import xmodaler_accel.engine
+
+    assert len(Path(xmodaler_accel.engine.__file__).read_text().splitlines()) <= 300
+
+
+def test_worker_seed_depends_on_seed_epoch_and_position_only(tmp_path):
+    def expected_generator(engine):
+        seed = 3 * 1_000_003 + engine.epoch * 7919 + engine.samples_in_epoch  # loader seed=3
+        return torch.Generator().manual_seed(seed).get_state()
+
+    def check(engine):
+        assert engine.sampler.epoch == engine.epoch
+        assert torch.equal(engine.train_loader.generator.get_state(), expected_generator(engine))
+        seen.append((engine.epoch, engine.samples_in_epoch))
+
+    seen = []
+    engine = make_engine(tmp_path, batch_size=16, max_steps=6)  # 4 steps per epoch
+    engine.on(Event.EPOCH_START, check)
+    PeriodicCheckpointer(period=6).attach(engine)
+    engine.run()
+    resumed = make_engine(tmp_path, batch_size=16, max_steps=8)
+    resumed.on(Event.EPOCH_START, check)
+    resumed.resume()
+    resumed.run()
+    assert seen == [(0, 0), (1, 0), (1, 32)]
+
+
+def test_step_time_covers_every_micro_step_and_leaves_hooks_out(tmp_path):
+    def slow_step(engine, batch):
+        time.sleep(0.03)
+        return mse_step(engine, batch)
+
+    engine = make_engine(tmp_path, batch_size=4, grad_accum=2, max_steps=2, step_fn=slow_step)
+    engine.on(Event.STEP_START, lambda e: time.sleep(0.2))
+    engine.on(Event.STEP_END, lambda e: time.sleep(0.2))
+    times = []
+    engine.on(Event.STEP_END, lambda e: times.append(e.step_time))
+    engine.run()
+    assert len(times) == 2 and all(0.06 <= t < 0.2 for t in times), times
+
+
+def test_step_metrics_average_each_output_over_the_steps_that_had_it():
+    accelerator = SimpleNamespace(
+        reduce=lambda t, reduction: t, gather=lambda t: t, num_processes=1
+    )
+    metrics = StepMetrics(torch.device("cpu"))
+    metrics.add({"loss": torch.tensor(1.0), "aux": torch.tensor([2.0, 4.0])})
+    metrics.end_step()
+    metrics.add({"loss": torch.tensor(3.0), "label": "not a tensor"})
+    metrics.end_step()
+    assert metrics.collect(accelerator) == {"aux": 3.0, "loss": 2.0}
+    assert metrics.collect(accelerator) == {}  # since the last call
+
+
+def test_step_metrics_name_the_first_non_finite_step_and_carry_a_flag():
+    accelerator = SimpleNamespace(gather=lambda t: t, num_processes=1)
+    metrics = StepMetrics(torch.device("cpu"))
+    metrics.start_at(10)  # resumed after step 10
+    for value in (1.0, float("nan"), float("inf")):
+        metrics.add({"loss": torch.tensor(value), "aux": torch.tensor(0.0)})
+        metrics.end_step()
+    assert metrics.first_non_finite(accelerator, flag=True) == ({"loss": 12}, True)
+    error = NonFiniteLossError.at({"loss": 12}, detected_at=13)
+    assert str(error).startswith("non-finite loss at step 12 in: loss (detected at step 13)")
+
+
+def test_stop_signal_waits_for_the_step_then_a_second_signal_stops_now():
+    stop = StopSignal()
+    previous = signal.getsignal(signal.SIGTERM)
+    with stop.caught():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received and stop.name == "SIGTERM"
+        assert stop.should_stop(step=3, sync_every=5, world_size=1)
+        assert not stop.should_stop(step=5, sync_every=5, world_size=2)  # not agreed yet
+        stop.agreed = True
+        assert not stop.should_stop(step=6, sync_every=5, world_size=2)  # not a sync point
+        assert stop.should_stop(step=10, sync_every=5, world_size=2)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is previous

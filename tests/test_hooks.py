@@ -1,10 +1,12 @@
 """The seed's hooks on a real Engine, and hook state across resume."""
 
 import json
+import time
 
+import pytest
 import torch
 
-from conftest import make_engine, regression_data
+from conftest import make_engine, mse_step, regression_data
 from xmodaler_accel import Event
 from xmodaler_accel.checkpoint import list_checkpoints
 from xmodaler_accel.hooks import (
@@ -18,7 +20,6 @@ from xmodaler_accel.hooks import (
     ModelWeightsManipulating,
     PeriodicCheckpointer,
     PreciseBN,
-    ScheduledSampling,
     register_hooks,
 )
 
@@ -80,6 +81,24 @@ def test_iteration_timer_leaves_out_warmup(tmp_path):
     assert timer.seconds_per_step > 0 and engine.scalars["time"] > 0
 
 
+def test_iteration_timer_reports_step_time_without_slow_hooks(tmp_path):
+    def slow_step(engine, batch):
+        time.sleep(0.01)
+        return mse_step(engine, batch)
+
+    engine = make_engine(tmp_path, max_steps=3, step_fn=slow_step)
+    engine.on(Event.STEP_END, lambda e: time.sleep(0.2))  # runs before the timer's STEP_END
+    timer = IterationTimer(warmup=0).attach(engine)
+    engine.on(Event.STEP_START, lambda e: time.sleep(0.2))  # subscribed after the timer
+    seen = []
+    engine.on(Event.STEP_END, lambda e: seen.append((e.scalars["time"], e.step_time)))
+    engine.run()
+    assert [t for t, _ in seen] == [s for _, s in seen]  # time is the engine's step_time
+    assert all(0.01 <= t < 0.2 for t, _ in seen), seen  # the 0.2 s hooks are left out
+    assert timer.timed_steps == 3 and timer.total_time == pytest.approx(sum(t for t, _ in seen))
+    assert engine.scalars["data_time"] == engine.data_time
+
+
 def test_periodic_checkpointer_keeps_newest_and_saves_final(tmp_path):
     engine = make_engine(tmp_path, max_steps=11)
     PeriodicCheckpointer(period=3, max_to_keep=2).attach(engine)
@@ -107,9 +126,13 @@ def test_eval_hook_writes_results_periodically_and_at_end(tmp_path):
         return {"val": {"score": float(engine.step)}}
 
     engine = make_engine(tmp_path, max_steps=7)
+    assert engine.eval_results == {}
     EvalHook(evaluate, period=3).attach(engine)
+    seen_at_eval = []
+    engine.on(Event.EVAL, lambda e: seen_at_eval.append(e.eval_results))
     engine.run()
     assert calls == [3, 6, 7]
+    assert seen_at_eval == [{"val": {"score": s}} for s in (3.0, 6.0, 7.0)]
     result = json.loads((tmp_path / "eval" / "val_step6.json").read_text())
     assert result == {"split": "val", "step": 6, "metrics": {"score": 6.0}}
     assert engine.unwrapped_model.training
@@ -164,18 +187,6 @@ def test_model_weights_manipulating_freezes_at_step(tmp_path):
     assert torch.equal(snapshots[3], snapshots[6])  # frozen before step 4 ran
 
 
-def test_scheduled_sampling_raises_probability_per_epoch(tmp_path):
-    model = torch.nn.Linear(8, 1)
-    seen = {}
-    engine = make_engine(tmp_path, model=model, batch_size=32, max_steps=10)  # 2 steps/epoch
-    ScheduledSampling(start_epoch=0, increase_every=2, increase_prob=0.05, max_prob=0.1).attach(
-        engine
-    )
-    engine.on(Event.EPOCH_START, lambda e: seen.__setitem__(e.epoch, model.ss_prob))
-    engine.run()
-    assert seen == {0: 0.0, 1: 0.0, 2: 0.05, 3: 0.05, 4: 0.1}
-
-
 def test_autograd_profiler_traces_chosen_steps(tmp_path):
     engine = make_engine(tmp_path, max_steps=4)
     AutogradProfiler(lambda e: e.step + 1 == 3, tmp_path / "profiler").attach(engine)
@@ -214,3 +225,106 @@ def test_hook_state_is_restored_on_resume(tmp_path):
     torch.testing.assert_close(ema2.shadow["weight"], ema.shadow["weight"], rtol=0, atol=0)
     resumed.run()
     assert counter2.count == 9
+
+
+# ---------------------------------------------------------------- hook state names
+def scores_of(split):
+    def evaluate(engine):
+        return {split: {"step": float(engine.step)}}
+
+    return evaluate
+
+
+def test_eval_hooks_get_their_own_state_back_when_attached_in_reverse_order(tmp_path):
+    engine = make_engine(tmp_path, max_steps=6)
+    EvalHook(scores_of("a"), period=2).attach(engine, name="eval_a")
+    EvalHook(scores_of("b"), period=3).attach(engine, name="eval_b")
+    PeriodicCheckpointer(period=6).attach(engine)
+    engine.run()
+
+    resumed = make_engine(tmp_path, max_steps=6)
+    hook_b = EvalHook(scores_of("b"), period=3).attach(resumed, name="eval_b")
+    hook_a = EvalHook(scores_of("a"), period=2).attach(resumed, name="eval_a")
+    assert resumed.resume()
+    assert [h["step"] for h in hook_a.history] == [2, 4, 6]
+    assert [h["step"] for h in hook_b.history] == [3, 6]
+    assert hook_a.history[0]["results"] == {"a": {"step": 2.0}}
+
+
+def test_emas_get_their_own_state_back_when_attached_in_reverse_order(tmp_path):
+    engine = make_engine(tmp_path, max_steps=4)
+    fast = EMA(decay=0.5).attach(engine, name="ema_fast")
+    slow = EMA(decay=0.99).attach(engine, name="ema_slow")
+    PeriodicCheckpointer(period=4).attach(engine)
+    engine.run()
+    assert not torch.equal(fast.shadow["weight"], slow.shadow["weight"])
+
+    resumed = make_engine(tmp_path, max_steps=4)
+    slow2 = EMA(decay=0.99).attach(resumed, name="ema_slow")
+    fast2 = EMA(decay=0.5).attach(resumed, name="ema_fast")
+    assert resumed.resume()
+    assert torch.equal(fast2.shadow["weight"], fast.shadow["weight"])
+    assert torch.equal(slow2.shadow["weight"], slow.shadow["weight"])
+
+
+def test_two_stateful_hooks_under_one_name_are_refused_at_attach(tmp_path):
+    engine = make_engine(tmp_path, max_steps=2)
+    EvalHook(scores_of("a"), period=1).attach(engine)
+    with pytest.raises(ValueError, match="two hooks named 'EvalHook'.*pass a distinct name="):
+        EvalHook(scores_of("b"), period=1).attach(engine)
+    EMA(0.9).attach(engine)
+    with pytest.raises(ValueError, match="two hooks named 'EMA'"):
+        EMA(0.5).attach(engine)
+    assert list(engine.events.stateful()) == ["EvalHook", "EMA"]
+
+
+def test_state_of_a_hook_no_longer_attached_is_reported(tmp_path, caplog):
+    engine = make_engine(tmp_path, max_steps=2)
+    EvalHook(scores_of("a"), period=2).attach(engine, name="eval_a")
+    EvalHook(scores_of("b"), period=2).attach(engine, name="eval_b")
+    PeriodicCheckpointer(period=2).attach(engine)
+    engine.run()
+
+    resumed = make_engine(tmp_path, max_steps=2)
+    hook_a = EvalHook(scores_of("a"), period=2).attach(resumed, name="eval_a")
+    resumed.resume()
+    resumed.run()
+    assert hook_a.last_step == 2
+    assert "checkpoint holds state for hook 'eval_b', which is not subscribed" in caplog.text
+
+
+class StatefulSeedHook(HookBase):
+    def __init__(self):
+        self.steps = 0
+
+    def after_step(self):
+        self.steps += 1
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def test_register_hooks_keys_seed_hook_states_by_name(tmp_path):
+    engine = make_engine(tmp_path, max_steps=4)
+    first, second = StatefulSeedHook(), StatefulSeedHook()
+    second.steps = 100
+    register_hooks(engine, [first, second], names=["first", "second"])
+    register_hooks(engine, [XmodalerStyleHook(), XmodalerStyleHook()])  # stateless: no names
+    PeriodicCheckpointer(period=4).attach(engine)
+    engine.run()
+    assert list(engine.events.stateful()) == ["first", "second"]
+
+    resumed = make_engine(tmp_path, max_steps=4)
+    second2, first2 = StatefulSeedHook(), StatefulSeedHook()
+    register_hooks(resumed, [second2, first2], names=["second", "first"])
+    assert resumed.resume()
+    assert (first2.steps, second2.steps) == (4, 104)
+
+
+def test_register_hooks_refuses_two_stateful_hooks_of_one_class_without_names(tmp_path):
+    engine = make_engine(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match=r"two hooks named 'StatefulSeedHook'.*names="):
+        register_hooks(engine, [StatefulSeedHook(), StatefulSeedHook()])

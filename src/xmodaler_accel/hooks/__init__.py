@@ -8,7 +8,6 @@ from .common import (
     ModelWeightsManipulating,
     PeriodicCheckpointer,
     PeriodicWriter,
-    ScheduledSampling,
 )
 from .ema import EMA
 from .eval import EvalHook
@@ -26,7 +25,6 @@ __all__ = [
     "PeriodicCheckpointer",
     "PeriodicWriter",
     "PreciseBN",
-    "ScheduledSampling",
     "TrainerView",
     "register_hooks",
     "update_bn_stats",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..events import Event
+from ..events import Event, is_stateful
 
 
 class HookBase:
@@ -71,10 +71,13 @@ class TrainerView:
 
 
 class _HookAdapter:
-    """Calls one HookBase's methods on events and carries its state into checkpoints."""
+    """Calls one HookBase's methods on events."""
 
     def __init__(self, hook: HookBase, view: TrainerView) -> None:
         self.hook, self.view = hook, view
+
+    def __repr__(self) -> str:
+        return f"{type(self.hook).__name__} at {id(self.hook):#x} (register_hooks)"
 
     def before_step(self, engine: Any) -> None:
         self.view.in_step = True
@@ -84,24 +87,38 @@ class _HookAdapter:
         self.view.in_step = False
         self.hook.after_step()
 
+
+class _StatefulHookAdapter(_HookAdapter):
+    """The adapter of a hook with `state_dict`/`load_state_dict`: carries its state into
+    checkpoints, under the name it was registered with."""
+
     def state_dict(self) -> dict:
-        return self.hook.state_dict() if hasattr(self.hook, "state_dict") else {}
+        return self.hook.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if hasattr(self.hook, "load_state_dict"):
-            self.hook.load_state_dict(state)
+        self.hook.load_state_dict(state)
 
 
-def register_hooks(engine: Any, hooks: Iterable[HookBase]) -> None:
-    """Attach seed-style hooks in order, as detectron2's `TrainerBase.register_hooks` does."""
+def register_hooks(
+    engine: Any, hooks: Iterable[HookBase], names: Iterable[str] | None = None
+) -> None:
+    """Attach seed-style hooks in order, as detectron2's `TrainerBase.register_hooks` does.
+
+    `names` (one per hook; default: the class names) key the states of hooks that have
+    `state_dict`/`load_state_dict` in checkpoints, so two such hooks of one class need names.
+    """
+    hooks = list(hooks)
+    names = [type(h).__name__ for h in hooks] if names is None else list(names)
+    if len(names) != len(hooks):
+        raise ValueError(f"register_hooks: {len(hooks)} hooks but {len(names)} names")
     view = TrainerView(engine)
-    for hook in hooks:
+    for hook, name in zip(hooks, names):
         hook.trainer = view
-        adapter = _HookAdapter(hook, view)
-        name = type(hook).__name__
-        engine.on(Event.TRAIN_START, lambda e, h=hook: h.before_train(), name=f"{name}.start")
+        adapter = (_StatefulHookAdapter if is_stateful(hook) else _HookAdapter)(hook, view)
+        # The adapter first: a name clash then leaves nothing of this hook subscribed.
         engine.on(Event.STEP_START, adapter.before_step, name=name)
-        engine.on(Event.STEP_END, adapter.after_step, name=f"{name}.after")
+        engine.on(Event.STEP_END, adapter.after_step, name=name)
+        engine.on(Event.TRAIN_START, lambda e, h=hook: h.before_train(), name=f"{name}.start")
         engine.on(Event.TRAIN_END, lambda e, h=hook: h.after_train(), name=f"{name}.end")
 
 

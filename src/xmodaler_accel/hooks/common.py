@@ -7,7 +7,6 @@ the writer (through `engine.collect_metrics`, the engine's one sync point for me
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -20,32 +19,30 @@ logger = logging.getLogger(__name__)
 
 
 class IterationTimer:
-    """Step and data-loading time per step; the first `warmup` steps are left out of the average."""
+    """Step and data-loading time per step; the first `warmup` steps are left out of the average.
+
+    `time` is the Engine's `step_time` (the step's own work), so it does not depend on which
+    other hooks run at STEP_START or STEP_END, or in what order.
+    """
 
     def __init__(self, warmup: int = 5) -> None:
         self.warmup = warmup
-        self._start = 0.0
         self._first_step: int | None = None
         self.total_time = 0.0
         self.timed_steps = 0
 
-    def attach(self, engine: Any) -> IterationTimer:
-        engine.on(Event.STEP_START, self.before_step)
-        engine.on(Event.STEP_END, self.after_step)
-        engine.on(Event.TRAIN_END, self.summary)
+    def attach(self, engine: Any, name: str = "IterationTimer") -> IterationTimer:
+        engine.on(Event.STEP_END, self.after_step, name=name)
+        engine.on(Event.TRAIN_END, self.summary, name=name)
         return self
 
-    def before_step(self, engine: Any) -> None:
-        if self._first_step is None:
-            self._first_step = engine.step
-        self._start = time.perf_counter()
-
     def after_step(self, engine: Any) -> None:
-        elapsed = time.perf_counter() - self._start
-        engine.scalars["time"] = elapsed
+        if self._first_step is None:  # warmup starts at the first step timed (after a resume too)
+            self._first_step = engine.step - 1
+        engine.scalars["time"] = engine.step_time
         engine.scalars["data_time"] = engine.data_time
         if engine.step - self._first_step > self.warmup:
-            self.total_time += elapsed
+            self.total_time += engine.step_time
             self.timed_steps += 1
 
     @property
@@ -70,9 +67,9 @@ class PeriodicWriter:
         self.period = period
         self.last_written = -1
 
-    def attach(self, engine: Any) -> PeriodicWriter:
-        engine.on(Event.STEP_END, self.write, every=self.period)
-        engine.on(Event.TRAIN_END, self.write)
+    def attach(self, engine: Any, name: str = "PeriodicWriter") -> PeriodicWriter:
+        engine.on(Event.STEP_END, self.write, every=self.period, name=name)
+        engine.on(Event.TRAIN_END, self.write, name=name)
         return self
 
     def write(self, engine: Any) -> None:
@@ -89,9 +86,9 @@ class PeriodicCheckpointer:
     def __init__(self, period: int, max_to_keep: int | None = None, prefix: str | None = None):
         self.period, self.max_to_keep, self.prefix = period, max_to_keep, prefix
 
-    def attach(self, engine: Any) -> PeriodicCheckpointer:
-        engine.on(Event.STEP_END, self.save, every=self.period)
-        engine.on(Event.TRAIN_END, self.save_final)
+    def attach(self, engine: Any, name: str = "PeriodicCheckpointer") -> PeriodicCheckpointer:
+        engine.on(Event.STEP_END, self.save, every=self.period, name=name)
+        engine.on(Event.TRAIN_END, self.save_final, name=name)
         return self
 
     def save(self, engine: Any) -> None:
@@ -105,8 +102,8 @@ class PeriodicCheckpointer:
 class LRScheduler:
     """Log the learning rate of every param group (the Engine steps the scheduler itself)."""
 
-    def attach(self, engine: Any) -> LRScheduler:
-        engine.on(Event.STEP_END, self)
+    def attach(self, engine: Any, name: str = "LRScheduler") -> LRScheduler:
+        engine.on(Event.STEP_END, self, name=name)
         return self
 
     def __call__(self, engine: Any) -> None:
@@ -124,9 +121,9 @@ class AutogradProfiler:
         self.output_dir = Path(output_dir)
         self._profiler: torch.profiler.profile | None = None
 
-    def attach(self, engine: Any) -> AutogradProfiler:
-        engine.on(Event.STEP_START, self.before_step)
-        engine.on(Event.STEP_END, self.after_step)
+    def attach(self, engine: Any, name: str = "AutogradProfiler") -> AutogradProfiler:
+        engine.on(Event.STEP_START, self.before_step, name=name)
+        engine.on(Event.STEP_END, self.after_step, name=name)
         return self
 
     def before_step(self, engine: Any) -> None:
@@ -156,11 +153,13 @@ class ModelWeightsManipulating:
     def __init__(self, fn: Callable[[torch.nn.Module], None], steps: Iterable[int]) -> None:
         self.fn, self.steps = fn, sorted(set(steps))
 
-    def attach(self, engine: Any) -> ModelWeightsManipulating:
+    def attach(
+        self, engine: Any, name: str = "ModelWeightsManipulating"
+    ) -> ModelWeightsManipulating:
         for step in self.steps:
-            engine.on(Event.STEP_START, self, once=step)
+            engine.on(Event.STEP_START, self, once=step, name=name)
         # A resumed run replays manipulations of steps already done (they change the model).
-        engine.on(Event.TRAIN_START, self.replay)
+        engine.on(Event.TRAIN_START, self.replay, name=name)
         return self
 
     def __call__(self, engine: Any) -> None:
@@ -170,29 +169,3 @@ class ModelWeightsManipulating:
         for step in self.steps:
             if step <= engine.step:
                 self.fn(engine.unwrapped_model)
-
-
-class ScheduledSampling:
-    """X-modaler's scheduled sampling: raise `model.ss_prob` by `increase_prob` every
-    `increase_every` epochs after `start_epoch`, up to `max_prob`."""
-
-    def __init__(
-        self, start_epoch: int, increase_every: int, increase_prob: float, max_prob: float
-    ) -> None:
-        self.start_epoch, self.increase_every = start_epoch, max(1, increase_every)
-        self.increase_prob, self.max_prob = increase_prob, max_prob
-
-    def attach(self, engine: Any) -> ScheduledSampling:
-        engine.on(Event.EPOCH_START, self)
-        return self
-
-    def probability(self, epoch: int) -> float:
-        if epoch <= self.start_epoch:
-            return 0.0
-        steps = (epoch - self.start_epoch) // self.increase_every
-        return min(self.increase_prob * steps, self.max_prob)
-
-    def __call__(self, engine: Any) -> None:
-        prob = self.probability(engine.epoch)
-        engine.unwrapped_model.ss_prob = prob
-        engine.scalars["ss_prob"] = prob

@@ -24,9 +24,10 @@ class EMA:
         self.updates = 0
         self.shadow: dict[str, torch.Tensor] = {}
 
-    def attach(self, engine: Any) -> EMA:
-        engine.on(Event.TRAIN_START, self.init)
-        engine.on(Event.STEP_END, self.update)
+    def attach(self, engine: Any, name: str = "EMA") -> EMA:
+        """Subscribe; `name` keys the shadow weights in checkpoints (one name per EMA)."""
+        engine.on(Event.TRAIN_START, self.init, name=name)
+        engine.on(Event.STEP_END, self.update, name=name)
         return self
 
     def _float_params(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:

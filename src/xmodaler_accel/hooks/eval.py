@@ -32,9 +32,10 @@ class EvalHook:
         self.last_step = -1
         self.history: list[dict[str, Any]] = []
 
-    def attach(self, engine: Any) -> EvalHook:
-        engine.on(Event.STEP_END, self, every=self.period, after=self.start)
-        engine.on(Event.TRAIN_END, self)
+    def attach(self, engine: Any, name: str = "EvalHook") -> EvalHook:
+        """Subscribe; `name` keys this hook's state in checkpoints (one name per EvalHook)."""
+        engine.on(Event.STEP_END, self, every=self.period, after=self.start, name=name)
+        engine.on(Event.TRAIN_END, self, name=name)
         return self
 
     def __call__(self, engine: Any) -> None:

@@ -55,9 +55,9 @@ class PreciseBN:
             forward,
         )
 
-    def attach(self, engine: Any) -> PreciseBN:
-        engine.on(Event.STEP_END, self, every=self.period)
-        engine.on(Event.TRAIN_END, self)
+    def attach(self, engine: Any, name: str = "PreciseBN") -> PreciseBN:
+        engine.on(Event.STEP_END, self, every=self.period, name=name)
+        engine.on(Event.TRAIN_END, self, name=name)
         return self
 
     def __call__(self, engine: Any) -> None:
