@@ -18,8 +18,10 @@ install:
 	fi
 	$(BIN)/pip install -e ".[dev]"
 
+# Test files run in parallel (one worker per core; a file's tests stay on one worker so that its
+# module fixtures are built once).
 test:
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
 
 LINT_DIRS := $(wildcard src tests recipes examples benchmarks)
 
