@@ -2,7 +2,7 @@
 
 Each candidate (question + answer for Q->A, question + right answer + rationale for QA->R) is one
 sequence `[CLS] first [SEP] choice [SEP] r1 .. rm`; the head scores its pooled output and the 4
-scores of an item go through a softmax (4-way cross-entropy in `steps/vcr.py`).
+scores of an item go through a softmax (4-way cross-entropy in `tasks/vcr/steps.py`).
 
 Object tags. The data layer renders a VCR tag such as `[2]` as the object's class name ("person")
 and keeps, for every sub-word of that name, the index of the region it refers to (`tags`, -1 for
