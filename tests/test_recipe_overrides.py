@@ -130,5 +130,12 @@ def test_a_typo_in_the_scst_section_names_the_key(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"_base_: {REPO / 'recipes/synthetic.yaml'}\nscst: {{train: {{max_step: 3}}}}\n")
-    with pytest.raises(ConfigError, match="max_step"):
-        load_scst_config(bad, ["model.weights=x"])
+    for load in (load_scst_config, load_caption_config):  # XE checks the section it ignores
+        with pytest.raises(ConfigError, match="max_step"):
+            load(bad, ["model.weights=x"])
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(
+        f"_base_: {REPO / 'recipes/synthetic.yaml'}\nscst: {{rl: {{baseline: best}}}}\n"
+    )
+    with pytest.raises(ConfigError, match="rl.baseline"):
+        load_caption_config(wrong)

@@ -113,11 +113,18 @@ def load_config(
     path: str | os.PathLike,
     overrides: Iterable[str] = (),
     defaults: Mapping[str, Any] | None = None,
+    sections: Iterable[str] = (),
 ) -> Config:
-    """Load `path` (with its `_base_` chain) over `defaults`, then apply `key=value` overrides."""
+    """Load `path` (with its `_base_` chain) over `defaults`, then apply `key=value` overrides.
+
+    `sections` names a recipe's own sections (e.g. `scst`): overrides of the other keys, which
+    any file may fill; `apply_section` checks them against the config when it applies them.
+    """
     defaults = DEFAULTS if defaults is None else defaults
+    sections = frozenset(sections)
     merged = copy.deepcopy(dict(defaults))
-    _merge(merged, _load_file_chain(Path(path), (), defaults), str(path), strict=False, prefix="")
+    chain = _load_file_chain(Path(path), (), defaults, sections)
+    _merge(merged, chain, str(path), strict=False, prefix="", sections=sections)
     cfg = Config(merged)
     apply_overrides(cfg, overrides)
     return cfg
@@ -137,7 +144,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _load_file_chain(path: Path, stack: tuple[Path, ...], defaults: Mapping) -> dict[str, Any]:
+def _load_file_chain(
+    path: Path, stack: tuple[Path, ...], defaults: Mapping, sections: frozenset[str]
+) -> dict[str, Any]:
     """The file's settings with its `_base_` chain folded in (later bases win), validated.
 
     A file with bases may only set keys that its bases or the defaults define.
@@ -149,17 +158,17 @@ def _load_file_chain(path: Path, stack: tuple[Path, ...], defaults: Mapping) -> 
     data = _read_yaml(path)
     bases = data.pop(BASE_KEY, None)
     if bases is None:
-        _merge(copy.deepcopy(dict(defaults)), data, str(path), strict=False, prefix="")
+        _merge(copy.deepcopy(dict(defaults)), data, str(path), False, "", sections)
         return data
     settings: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:
         base_path = (path.parent / base).resolve()
         if not base_path.is_file():
             raise ConfigError(f"{path}: {BASE_KEY} file not found: {base_path}")
-        _deep_update(settings, _load_file_chain(base_path, (*stack, path), defaults))
+        _deep_update(settings, _load_file_chain(base_path, (*stack, path), defaults, sections))
     schema = copy.deepcopy(dict(defaults))
-    _merge(schema, settings, str(path), strict=False, prefix="")
-    _merge(schema, data, str(path), strict=True, prefix="")
+    _merge(schema, settings, str(path), False, "", sections)
+    _merge(schema, data, str(path), True, "", sections)
     _deep_update(settings, data)
     return settings
 
@@ -172,7 +181,14 @@ def _deep_update(dst: dict, src: Mapping) -> None:
             dst[key] = copy.deepcopy(value)
 
 
-def _merge(dst: dict, src: Mapping, source: str, strict: bool, prefix: str) -> None:
+def _merge(
+    dst: dict,
+    src: Mapping,
+    source: str,
+    strict: bool,
+    prefix: str,
+    sections: frozenset[str] = frozenset(),
+) -> None:
     """Merge `src` into `dst`, type-checking values against existing ones.
 
     `strict` forbids new keys (files with a `_base_`). A root file may add new top-level sections
@@ -180,6 +196,11 @@ def _merge(dst: dict, src: Mapping, source: str, strict: bool, prefix: str) -> N
     which are almost always typos.
     """
     for key, value in src.items():
+        if not prefix and key in sections:  # checked when applied (apply_section)
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: config key '{key}': expected a mapping of overrides")
+            _deep_update(dst.setdefault(key, {}), value)
+            continue
         dotted = f"{prefix}{key}"
         if key not in dst:
             near = difflib.get_close_matches(key, list(dst), n=3, cutoff=0.75)

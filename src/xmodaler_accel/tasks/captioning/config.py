@@ -63,8 +63,9 @@ CAPTION_DEFAULTS: dict[str, Any] = _merged(
 
 def load_caption_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
     """The XE config: the YAML over `CAPTION_DEFAULTS`, then the command-line overrides."""
-    cfg = load_config(path, overrides, defaults=CAPTION_DEFAULTS)
+    cfg = load_config(path, overrides, defaults=CAPTION_DEFAULTS, sections=["scst"])
     _check_choices(cfg)
+    _check_choices(apply_section(cfg, "scst"))  # a typo in `scst:` stops XE too, not hours later
     return cfg
 
 
