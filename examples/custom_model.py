@@ -158,7 +158,7 @@ def main() -> None:
     def evaluate(engine: Engine) -> dict:
         return {split: m for evaluator in evaluators for split, m in evaluator(engine).items()}
 
-    # Hooks run in this order at each event; the writer goes last so it logs what they measured.
+    # Hooks run in the order attached; the writer logs after every STEP_END hook (Event.LOG).
     IterationTimer(cfg.train.timer_warmup).attach(engine)
     LRScheduler().attach(engine)
     PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(

@@ -141,7 +141,7 @@ def main() -> None:
             for split, (loader, count) in loaders.items()
         }
 
-    # Hooks: timer, lr, checkpoints, evaluation, the export at the end, then the writer.
+    # Hooks: timer, lr, checkpoints, evaluation, the export at the end, the writer.
     IterationTimer(cfg.train.timer_warmup).attach(engine)
     LRScheduler().attach(engine)
     PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(

@@ -145,7 +145,7 @@ def main() -> None:
             engine.accelerator, engine.unwrapped_model, splits, settings, reranker
         )
 
-    # Hooks: timer, lr, checkpoints, evaluation, then the writer (it logs what they measured).
+    # Hooks: timer, lr, checkpoints, evaluation, the writer (it logs after all of them).
     IterationTimer(cfg.train.timer_warmup).attach(engine)
     LRScheduler().attach(engine)
     PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(

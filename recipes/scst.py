@@ -112,7 +112,7 @@ def main() -> None:
     def evaluate(engine: Engine) -> dict:
         return {split: m for evaluator in evaluators for split, m in evaluator(engine).items()}
 
-    # Hooks: timer, lr, checkpoints, the SCST time split, evaluation, then the writer.
+    # Hooks: timer, lr, checkpoints, the SCST time split, evaluation, the writer.
     IterationTimer(cfg.train.timer_warmup).attach(engine)
     LRScheduler().attach(engine)
     PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(

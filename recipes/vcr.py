@@ -97,7 +97,7 @@ def main() -> None:
             batch_size=cfg.eval.batch_size, collate=collate,
         )  # fmt: skip
 
-    # Hooks: timer, lr, checkpoints, evaluation, then the writer (it logs what they measured).
+    # Hooks: timer, lr, checkpoints, evaluation, the writer (it logs after all of them).
     IterationTimer(cfg.train.timer_warmup).attach(engine)
     LRScheduler().attach(engine)
     PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(

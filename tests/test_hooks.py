@@ -19,6 +19,7 @@ from xmodaler_accel.hooks import (
     LRScheduler,
     ModelWeightsManipulating,
     PeriodicCheckpointer,
+    PeriodicWriter,
     PreciseBN,
     register_hooks,
 )
@@ -328,3 +329,23 @@ def test_register_hooks_refuses_two_stateful_hooks_of_one_class_without_names(tm
     engine = make_engine(tmp_path, max_steps=2)
     with pytest.raises(ValueError, match=r"two hooks named 'StatefulSeedHook'.*names="):
         register_hooks(engine, [StatefulSeedHook(), StatefulSeedHook()])
+
+
+def test_writer_attached_first_still_logs_what_later_hooks_measured(tmp_path):
+    engine = make_engine(
+        tmp_path,
+        max_steps=4,
+        scheduler=None,
+        optimizer_fn=lambda params: torch.optim.SGD(params, lr=0.05),
+    )
+    logged = []
+    engine.accelerator.log = lambda values, step: logged.append((step, dict(values)))
+    PeriodicWriter(2).attach(engine)  # before the hooks whose scalars it writes
+    IterationTimer(0).attach(engine)
+    LRScheduler().attach(engine)
+    engine.on(Event.STEP_END, lambda e: e.scalars.__setitem__("seen_step", e.step))
+    engine.run()
+    assert [step for step, _ in logged] == [2, 4]
+    for step, values in logged:
+        assert values["seen_step"] == step and values["lr"] == 0.05 and values["time"] > 0
+    assert logged[-1][1]["time"] == engine.step_time  # the step just finished, not the one before

@@ -213,6 +213,7 @@ class Engine:
         self.metrics.end_step()
         self.step_time = time.perf_counter() - started
         self.fire(Event.STEP_END)
+        self.fire(Event.LOG)
         if self.step % self.sync_every == 0:
             self.check_finite()
         if self.stop.should_stop(self.step, self.sync_every, self.world_size):

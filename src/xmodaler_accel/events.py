@@ -23,6 +23,7 @@ class Event(str, enum.Enum):
     EPOCH_START = "epoch_start"
     STEP_START = "step_start"
     STEP_END = "step_end"
+    LOG = "log"  # after every STEP_END hook: writers read what those hooks measured
     EVAL = "eval"
     CHECKPOINT = "checkpoint"
     TRAIN_END = "train_end"

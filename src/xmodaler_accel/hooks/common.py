@@ -61,14 +61,18 @@ class IterationTimer:
 
 
 class PeriodicWriter:
-    """Every `period` steps (and at the end): reduce metrics and send them to the trackers."""
+    """Every `period` steps (and at the end): reduce metrics and send them to the trackers.
+
+    It writes at `Event.LOG`, after every STEP_END hook, so it logs the step's scalars (lr,
+    timings ...) wherever it is attached.
+    """
 
     def __init__(self, period: int = 20) -> None:
         self.period = period
         self.last_written = -1
 
     def attach(self, engine: Any, name: str = "PeriodicWriter") -> PeriodicWriter:
-        engine.on(Event.STEP_END, self.write, every=self.period, name=name)
+        engine.on(Event.LOG, self.write, every=self.period, name=name)
         engine.on(Event.TRAIN_END, self.write, name=name)
         return self
 
