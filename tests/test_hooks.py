@@ -171,6 +171,20 @@ def test_precise_bn_sets_exact_population_statistics(tmp_path):
     torch.testing.assert_close(model[1].running_mean, hidden.mean(0), rtol=1e-5, atol=1e-6)
 
 
+def test_precise_bn_leaves_the_training_rng_where_it_was(tmp_path):
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 1)
+    )
+    data = regression_data(64)
+    loader = torch.utils.data.DataLoader(data.tensors[0], batch_size=16, shuffle=True)
+    engine = make_engine(tmp_path, model=model, max_steps=2)
+    hook = PreciseBN(period=0, data_loader=loader, num_iter=4, forward=lambda m, b: m(b))
+    before, stats = torch.get_rng_state(), model[1].running_mean.clone()
+    hook(engine)  # a shuffled loader and dropout in train mode: both draw from the global RNG
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not torch.equal(model[1].running_mean, stats)
+
+
 def test_model_weights_manipulating_freezes_at_step(tmp_path):
     model = torch.nn.Linear(8, 1)
     snapshots = {}

@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,17 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def rng_kept():
+    """Run a block (evaluation, PreciseBN) without moving any RNG: the states are put back after
+    it, so it never changes the training that follows nor what a resumed run replays."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
 
 
 # ---------------------------------------------------------------- writing

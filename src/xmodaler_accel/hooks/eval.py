@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import rng_kept
 from ..evaluation import write_eval_result
 from ..events import Event
 
@@ -53,7 +54,8 @@ class EvalHook:
         model.eval()
         swap = self.ema.swapped(model) if self.ema is not None else contextlib.nullcontext()
         try:
-            with swap, torch.no_grad():
+            # Evaluation loaders draw from the global RNG: keep it where training left it.
+            with swap, torch.no_grad(), rng_kept():
                 results = self.eval_fn(engine)
         finally:
             model.train(was_training)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import rng_kept
 from ..events import Event
 
 BN_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
@@ -64,5 +65,6 @@ class PreciseBN:
         model = engine.unwrapped_model
         was_training = model.training
         model.train()
-        update_bn_stats(model, self.data_loader, self.num_iter, self.forward)
+        with rng_kept():  # its loader and dropout must not move the training RNG
+            update_bn_stats(model, self.data_loader, self.num_iter, self.forward)
         model.train(was_training)
