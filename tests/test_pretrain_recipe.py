@@ -135,8 +135,9 @@ def test_eval_only_re_exports_trained_weights_and_never_random_ones(
     shutil.copytree(pretrained, out)
     trained = exported(pretrained / "export")
     config = RECIPES / "synthetic_pretrain.yaml"
-    ok(run(RECIPES / "pretrain.py", config, cache_dir, out, *SMALL, pre=["--eval-only"]))
-    assert (out / "eval/val_step0.json").is_file()  # random weights: evaluated, not exported
+    refused = run(RECIPES / "pretrain.py", config, cache_dir, out, *SMALL, pre=["--eval-only"])
+    assert refused.returncode != 0 and "--eval-only needs weights" in refused.stderr
+    assert not (out / "eval/val_step0.json").exists()  # random weights: neither scored nor exported
 
     def same(a, b):
         return a.keys() == b.keys() and all(

@@ -139,3 +139,15 @@ def test_a_typo_in_the_scst_section_names_the_key(tmp_path):
     )
     with pytest.raises(ConfigError, match="rl.baseline"):
         load_caption_config(wrong)
+
+
+@pytest.mark.parametrize("name", ["xe", "retrieval", "vcr", "pretrain"])
+def test_eval_only_without_weights_or_resume_is_refused(name, tmp_path):
+    config, _, _ = RECIPES[name]
+    cmd = [sys.executable, str(REPO / "recipes" / f"{name}.py"), "--config"]
+    cmd += [str(REPO / "recipes" / config), "--eval-only", f"output_dir={tmp_path / 'out'}"]
+    proc = subprocess.run(
+        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode != 0 and "--eval-only needs weights to score" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -39,7 +39,7 @@ def run_recipe(cache_dir, output_dir, *overrides, eval_only=False):
 def test_reranking_without_a_two_stream_checkpoint_names_the_missing_key(cache, tmp_path):
     cache_dir, _ = cache
     data = [f"data.synthetic.{k}={v}" for k, v in SYNTHETIC.items()]
-    cmd = [sys.executable, str(RECIPE), "--config", str(CONFIG), "--eval-only"]
+    cmd = [sys.executable, str(RECIPE), "--config", str(CONFIG), "--eval-only", "--resume"]
     cmd += [f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}", *data]
     cmd += ["model.kind=single_stream", "retrieval.rerank_k=4"]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)

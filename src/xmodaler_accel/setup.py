@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
-from .config import Config, save_config
+from .config import Config, ConfigError, save_config
 from .optim import auto_scale_workers
 from .writers import ConsoleTracker, JSONLTracker
 
@@ -87,6 +87,8 @@ def default_writers(cfg: Config) -> list[Any]:
 
 def default_setup(cfg: Config, args: argparse.Namespace | None = None) -> Accelerator:
     """Accelerator, output dir, log.txt, environment info, config backup, seeding, trackers."""
+    if args is not None and getattr(args, "eval_only", False):
+        check_eval_only(cfg, resume=getattr(args, "resume", False))
     accelerator = make_accelerator(cfg, default_writers(cfg))
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -103,6 +105,15 @@ def default_setup(cfg: Config, args: argparse.Namespace | None = None) -> Accele
     set_seed(cfg.seed + accelerator.process_index)
     init_trackers(accelerator, cfg)
     return accelerator
+
+
+def check_eval_only(cfg: Config, *, resume: bool) -> None:
+    """`--eval-only` scores trained weights: `model.weights=` or `--resume`, never a random init."""
+    if not resume and not cfg.model.weights:
+        raise ConfigError(
+            "--eval-only needs weights to score: give model.weights=<checkpoint dir or "
+            ".safetensors>, or --resume to score the newest checkpoint in output_dir"
+        )
 
 
 def init_trackers(accelerator: Accelerator, cfg: Config) -> None:
