@@ -274,9 +274,8 @@ def apply_section(cfg: Config, name: str, overrides: Iterable[str] = ()) -> Conf
         raise ConfigError(f"config key '{name}': expected a mapping of overrides, got {section!r}")
     if name in section:
         raise ConfigError(f"config key '{name}.{name}': a section cannot override itself")
-    out = copy.deepcopy(cfg)
-    merged = out.to_dict()
-    _merge(merged, copy.deepcopy(section.to_dict()), f"section '{name}'", strict=True, prefix="")
+    merged = cfg.to_dict()  # to_dict copies: cfg stays as it was
+    _merge(merged, section.to_dict(), f"section '{name}'", strict=True, prefix="")
     out = Config(merged)
     apply_overrides(out, [o for o in overrides if not o.split("=", 1)[0].startswith(f"{name}.")])
     _record_section(out, out[name])

@@ -9,7 +9,6 @@ values for text; collation (`collate.py`) pads and copies once into tensors. Eac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,10 +19,6 @@ from transformers import PreTrainedTokenizerBase
 from .columns import ArrowColumns
 
 OPTIONAL_REGION_COLUMNS = ("cls_prob", "region_labels")
-
-
-def _int_arrays(rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    return [np.asarray(row, dtype=np.int64) for row in rows]
 
 
 class ImageDataset(TorchDataset):

@@ -77,8 +77,8 @@ def load_scst_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> 
     """
     overrides = list(overrides)
     xe = load_caption_config(path, overrides)
+    # Each value comes from `xe` or its section, both checked by load_caption_config.
     cfg = apply_section(xe, "scst", overrides)
-    _check_choices(cfg)
     if not cfg.model.weights:
         cfg.model.weights = str(_newest_xe_checkpoint(xe, cfg, path))
     return cfg
