@@ -62,12 +62,14 @@ def main() -> None:
     args = parser.parse_args()
     xe_dir, scst_dir = Path(args.output) / "xe", Path(args.output) / "scst"
 
-    xe_time = run("xe.py", "--config", args.config, f"output_dir={xe_dir}")
+    # The demo starts afresh each time: --overwrite replaces its previous runs.
+    xe_time = run("xe.py", "--config", args.config, "--overwrite", f"output_dir={xe_dir}")
     weights = latest_checkpoint(xe_dir / "checkpoints")
     scst_time = run(
         "scst.py",
         "--config",
         args.config,
+        "--overwrite",
         f"model.weights={weights}",
         f"output_dir={scst_dir}",
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, Subset
 
-from xmodaler_accel import Engine, Event, build_train_loader, load_config, load_weights
+from xmodaler_accel import Engine, Event, build_train_loader, load_weights
 from xmodaler_accel.config import ConfigError
 from xmodaler_accel.data import dataset_dir, load_tokenizer, open_dataset
 from xmodaler_accel.hooks import (
@@ -34,11 +34,11 @@ from xmodaler_accel.hooks import (
 )
 from xmodaler_accel.models.pretrain import build_pretrain_model, export_finetune_weights
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import default_argument_parser, default_setup
+from xmodaler_accel.setup import default_argument_parser, default_setup, launch
 from xmodaler_accel.tasks.pretraining import (
-    PRETRAIN_DEFAULTS,
     PretrainPairs,
     collate_pretrain,
+    load_pretrain_config,
     pretrain_metrics,
     pretrain_step,
 )
@@ -56,15 +56,14 @@ def export(engine: Engine, directory: Path) -> None:
     engine.accelerator.wait_for_everyone()
 
 
-def main() -> None:
-    args = default_argument_parser(epilog=__doc__).parse_args()
-    cfg = load_config(args.config, args.opts, defaults=PRETRAIN_DEFAULTS)
+def main(args) -> None:
+    cfg = load_pretrain_config(args.config, args.opts)
+    accelerator = default_setup(cfg, args)  # train.grad_accum is known from here (YAML or launcher)
     if cfg.pretrain.two_stage == "separate" and cfg.train.grad_accum > 1:
         raise ConfigError(
             "pretrain.two_stage=separate takes an optimizer step per stage and does not support "
             "train.grad_accum > 1; use pretrain.two_stage=summed"
         )
-    accelerator = default_setup(cfg, args)
 
     # Data: one item per (image, caption) pair, masked per (seed, epoch, pair) in the dataset.
     data = open_dataset(cfg)
@@ -120,6 +119,7 @@ def main() -> None:
         max_steps=cfg.train.max_steps,
         clip_grad=cfg.train.clip_grad.mode, clip_grad_max=cfg.train.clip_grad.max,
         output_dir=cfg.output_dir,
+        config=cfg,  # each checkpoint keeps the config that wrote it (--resume checks it)
         checkpoint_prefix=cfg.checkpoint.prefix, checkpoint_keep=cfg.checkpoint.keep,
         sync_every=cfg.train.log_every,
     )  # fmt: skip
@@ -166,4 +166,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    args = default_argument_parser(epilog=__doc__).parse_args()
+    # --num-gpus N starts N processes here (--num-machines/--machine-rank/--dist-url: several
+    # machines); under `accelerate launch` or `torchrun` the launcher has started them.
+    launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))

@@ -13,7 +13,7 @@ Reads top to bottom: config, data, model, step, engine, evaluation, hooks, run.
 import logging
 from functools import partial
 
-from xmodaler_accel import Engine, build_train_loader, load_config, load_weights
+from xmodaler_accel import Engine, build_train_loader, load_weights
 from xmodaler_accel.config import ConfigError
 from xmodaler_accel.data import (
     PairDataset,
@@ -31,22 +31,21 @@ from xmodaler_accel.hooks import (
 )
 from xmodaler_accel.models.retrieval import build_retrieval_model, build_two_stream
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import default_argument_parser, default_setup
+from xmodaler_accel.setup import default_argument_parser, default_setup, launch
 from xmodaler_accel.tasks.retrieval import (
-    RETRIEVAL_DEFAULTS,
     EvalSettings,
     RetrievalSplit,
     evaluate_retrieval,
     itm_step,
+    load_retrieval_config,
     retrieval_step,
 )
 
 logger = logging.getLogger("xmodaler_accel.recipes.retrieval")
 
 
-def main() -> None:
-    args = default_argument_parser(epilog=__doc__).parse_args()
-    cfg = load_config(args.config, args.opts, defaults=RETRIEVAL_DEFAULTS)
+def main(args) -> None:
+    cfg = load_retrieval_config(args.config, args.opts)
     accelerator = default_setup(cfg, args)
 
     # Data: one training item per caption (Flickr30k protocol); eval splits tokenised once.
@@ -126,6 +125,7 @@ def main() -> None:
         clip_grad=cfg.train.clip_grad.mode,
         clip_grad_max=cfg.train.clip_grad.max,
         output_dir=cfg.output_dir,
+        config=cfg,  # each checkpoint keeps the config that wrote it (--resume checks it)
         checkpoint_prefix=cfg.checkpoint.prefix,
         checkpoint_keep=cfg.checkpoint.keep,
         sync_every=cfg.train.log_every,
@@ -165,4 +165,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    args = default_argument_parser(epilog=__doc__).parse_args()
+    # --num-gpus N starts N processes here (--num-machines/--machine-rank/--dist-url: several
+    # machines); under `accelerate launch` or `torchrun` the launcher has started them.
+    launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))

@@ -13,7 +13,7 @@ Q->AR (both right). Reads top to bottom: config, data, model, step, engine, eval
 
 from functools import partial
 
-from xmodaler_accel import Engine, build_train_loader, load_config, load_weights
+from xmodaler_accel import Engine, build_train_loader, load_weights
 from xmodaler_accel.data import dataset_dir, load_tokenizer, open_dataset
 from xmodaler_accel.hooks import (
     EvalHook,
@@ -25,20 +25,19 @@ from xmodaler_accel.hooks import (
 from xmodaler_accel.models.vcr import build_vcr_model
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
 from xmodaler_accel.second_loader import SecondLoader
-from xmodaler_accel.setup import default_argument_parser, default_setup
+from xmodaler_accel.setup import default_argument_parser, default_setup, launch
 from xmodaler_accel.tasks.vcr import (
-    VCR_DEFAULTS,
     VCRSplit,
     VCRTaskDataset,
     collate_choices,
     evaluate_vcr,
+    load_vcr_config,
     vcr_step,
 )
 
 
-def main() -> None:
-    args = default_argument_parser(epilog=__doc__).parse_args()
-    cfg = load_config(args.config, args.opts, defaults=VCR_DEFAULTS)
+def main(args) -> None:
+    cfg = load_vcr_config(args.config, args.opts)
     accelerator = default_setup(cfg, args)
 
     # Data: the two sub-task views of the same items, each with its own shuffled loader.
@@ -85,6 +84,7 @@ def main() -> None:
         max_steps=cfg.train.max_steps,
         clip_grad=cfg.train.clip_grad.mode, clip_grad_max=cfg.train.clip_grad.max,
         output_dir=cfg.output_dir,
+        config=cfg,  # each checkpoint keeps the config that wrote it (--resume checks it)
         checkpoint_prefix=cfg.checkpoint.prefix, checkpoint_keep=cfg.checkpoint.keep,
         sync_every=cfg.train.log_every,
     )  # fmt: skip
@@ -117,4 +117,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    args = default_argument_parser(epilog=__doc__).parse_args()
+    # --num-gpus N starts N processes here (--num-machines/--machine-rank/--dist-url: several
+    # machines); under `accelerate launch` or `torchrun` the launcher has started them.
+    launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))

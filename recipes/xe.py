@@ -21,7 +21,7 @@ from xmodaler_accel.hooks import (
     PeriodicWriter,
 )
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import default_argument_parser, default_setup
+from xmodaler_accel.setup import default_argument_parser, default_setup, launch
 from xmodaler_accel.tasks.captioning import (
     CaptionDataset,
     CaptionEvaluator,
@@ -34,8 +34,7 @@ from xmodaler_accel.tasks.captioning import (
 )
 
 
-def main() -> None:
-    args = default_argument_parser(epilog=__doc__).parse_args()
+def main(args) -> None:
     cfg = load_caption_config(args.config, args.opts)
     accelerator = default_setup(cfg, args)
 
@@ -78,6 +77,7 @@ def main() -> None:
         clip_grad=cfg.train.clip_grad.mode,
         clip_grad_max=cfg.train.clip_grad.max,
         output_dir=cfg.output_dir,
+        config=cfg,  # each checkpoint keeps the config that wrote it (--resume checks it)
         checkpoint_prefix=cfg.checkpoint.prefix,
         checkpoint_keep=cfg.checkpoint.keep,
         sync_every=cfg.train.log_every,  # host syncs (metrics, NaN checks) only this often
@@ -135,4 +135,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    args = default_argument_parser(epilog=__doc__).parse_args()
+    # --num-gpus N starts N processes here (--num-machines/--machine-rank/--dist-url: several
+    # machines); under `accelerate launch` or `torchrun` the launcher has started them.
+    launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))

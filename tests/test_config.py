@@ -29,7 +29,7 @@ def recipe(tmp_path):
 def test_root_file_over_defaults_with_attribute_access(recipe):
     cfg = load_config(recipe)
     assert cfg.train.max_steps == 500
-    assert cfg.train.grad_accum == 1  # from the defaults
+    assert cfg.train.grad_accum is None  # from the defaults: the launcher's, else 1 (setup)
     assert cfg.model.d_model == 128 and cfg.model.weights == ""
     assert cfg.scst.baseline == "greedy"
 

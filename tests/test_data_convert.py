@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -322,7 +325,10 @@ def test_missing_feature_file_names_the_path_and_leaves_no_output(tmp_path):
 def test_wrong_feature_shape_says_got_and_expected(tmp_path):
     annotations, feats, regions = karpathy_fixture(tmp_path)
     np.savez(feats / "103.npz", features=np.zeros((4, DIM + 1), np.float32))
-    match = r"image '103' in .*feats: features have shape \(4, 17\), expected \(N, 16\)"
+    match = (
+        r"feats/103.npz \(image '103'\): features have shape \(4, 17\), expected \(N, 16\); "
+        r"16 is the width of 4 of the first 5 images \(pass --feat-dim"
+    )
     with pytest.raises(FeatureShapeError, match=match):
         convert_karpathy(annotations, feats, tmp_path / "out", progress=False)
     np.savez(feats / "103.npz", features=regions["103"]["features"], boxes=np.zeros((2, 4)))
@@ -340,7 +346,8 @@ def test_corrupt_npz_names_the_file(tmp_path):
 
 def test_feat_dim_option_checks_every_image(tmp_path):
     annotations, feats, _ = karpathy_fixture(tmp_path)
-    with pytest.raises(FeatureShapeError, match=r"shape \(\d+, 16\), expected \(N, 2048\)"):
+    match = r"100.npz \(image '100'\): features have shape \(\d+, 16\), expected \(N, 2048\) as set"
+    with pytest.raises(FeatureShapeError, match=match):
         convert_karpathy(annotations, feats, tmp_path / "out", feat_dim=2048, progress=False)
 
 
@@ -409,3 +416,206 @@ def test_missing_image_in_tsv_names_image_and_files(tmp_path):
         open_features(tsv).read("2")
     with pytest.raises(FeatureFileNotFoundError, match=r"feature path .*nope.h5 does not exist"):
         open_features(tmp_path / "nope.h5")
+
+
+# ----------------------------------------------------------------------------- feature width
+def cli_error(argv: list[str], capsys) -> str:
+    """Run the converter CLI expecting a data error: exit 2 and one line on stderr."""
+    assert convert_main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_first_image_of_wrong_width_is_named_not_the_next(tmp_path, capsys):
+    annotations, feats, _ = karpathy_fixture(tmp_path)
+    np.savez(feats / "100.npz", features=np.ones((3, DIM + 1), np.float32))
+    argv = ["karpathy", "--annotations", str(annotations), "--features", str(feats)]
+    err = cli_error([*argv, "--output", str(tmp_path / "out")], capsys)
+    assert (
+        f"{feats / '100.npz'} (image '100'): features have shape (3, 17), expected (N, 16)" in err
+    )
+    assert "16 is the width of 4 of the first 5 images (pass --feat-dim" in err
+    assert "'101'" not in err
+    # the image after the probed ones is checked against the same, explained, width
+    np.savez(feats / "100.npz", features=np.ones((3, DIM), np.float32))
+    np.savez(feats / "105.npz", features=np.ones((2, DIM + 1), np.float32))
+    err = cli_error([*argv, "--output", str(tmp_path / "out")], capsys)
+    assert "105.npz (image '105'): features have shape (2, 17), expected (N, 16); 16 is" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_feature_width_with_no_majority_asks_for_feat_dim(tmp_path, capsys):
+    annotations, feats, _ = karpathy_fixture(tmp_path)
+    for key, dim in {"100": 16, "101": 17, "102": 18, "103": 17}.items():
+        np.savez(feats / f"{key}.npz", features=np.ones((3, dim), np.float32))
+    argv = ["karpathy", "--annotations", str(annotations), "--features", str(feats)]
+    err = cli_error([*argv, "--output", str(tmp_path / "out")], capsys)
+    assert "cannot tell the feature width: the first 5 images disagree" in err
+    assert f"{feats / '101.npz'} (image '101') has 17, {feats / '102.npz'} (image '102')" in err
+    assert "pass --feat-dim" in err
+    argv += ["--feat-dim", "17", "--output", str(tmp_path / "out")]
+    err = cli_error(argv, capsys)  # given, the width is checked and its origin said
+    assert "100.npz (image '100'): features have shape (3, 16), expected (N, 17) as set by" in err
+
+
+def test_width_probe_reads_each_image_once(tmp_path, monkeypatch):
+    from xmodaler_accel.data import converters
+
+    annotations, feats, _ = karpathy_fixture(tmp_path)
+    reads: list[str] = []
+    real_open = converters.open_features
+
+    def counting_open(*args, **kwargs):
+        reader = real_open(*args, **kwargs)
+        read = reader.read
+        reader.read = lambda key: reads.append(key) or read(key)
+        return reader
+
+    monkeypatch.setattr(converters, "open_features", counting_open)
+    convert_karpathy(annotations, feats, tmp_path / "out", progress=False)
+    assert sorted(reads) == [str(100 + i) for i in range(6)]
+
+
+# ----------------------------------------------------------------------------- CLI errors
+def _karpathy_images(tmp_path: Path, **change) -> Path:
+    annotations, _, _ = karpathy_fixture(tmp_path)
+    data = json.loads(annotations.read_text())
+    data["images"][1].update(change)
+    annotations.write_text(json.dumps(data))
+    return annotations
+
+
+def _bad_annotations(tmp_path: Path, case: str) -> tuple[Path, str]:
+    """An annotation file broken as `case` says, and the message expected for it."""
+    if case == "folder":
+        return tmp_path / "feats", r"--annotations .*feats: is a folder, not a file"
+    if case == "binary":
+        path = tmp_path / "dataset_coco.json"
+        path.write_bytes(b"\xff\xfe\x00{")
+        return path, r"dataset_coco.json: not a UTF-8 JSON file"
+    if case == "image-not-object":
+        path = _karpathy_images(tmp_path)
+        path.write_text(json.dumps({"images": [json.loads(path.read_text())["images"][0], 7]}))
+        return path, r"dataset_coco.json: images\[1\] is 7, expected an object"
+    if case == "sentences-not-list":
+        path = _karpathy_images(tmp_path, sentences="a dog")
+        return path, r"'COCO_1.jpg' \(imgid 1\) has 'sentences' 'a dog', expected a list"
+    if case == "sentence-not-object":
+        path = _karpathy_images(tmp_path, sentences=["a dog"])
+        return path, r"'COCO_1.jpg' \(imgid 1\) sentence 0 is 'a dog', expected an object"
+    if case == "tokens-not-strings":
+        path = _karpathy_images(tmp_path, sentences=[{"tokens": [1, 2]}])
+        return path, r"sentence 0: 'tokens' is \[1, 2\], expected a list of strings"
+    if case == "cocoid-not-int":
+        path = _karpathy_images(tmp_path, cocoid="x1")
+        return path, r"'COCO_1.jpg' \(imgid 1\): cocoid 'x1' is not an integer"
+    assert case == "no-feature-name"
+    annotations, _, _ = karpathy_fixture(tmp_path)
+    data = json.loads(annotations.read_text())
+    del data["images"][1]["cocoid"], data["images"][1]["filename"]
+    annotations.write_text(json.dumps(data))
+    return annotations, r"image 1 \(imgid 1\) has no 'cocoid' or 'filename' to name its feature"
+
+
+ANNOTATION_CASES = [
+    "folder",
+    "binary",
+    "image-not-object",
+    "sentences-not-list",
+    "sentence-not-object",
+    "tokens-not-strings",
+    "cocoid-not-int",
+    "no-feature-name",
+]
+
+
+@pytest.mark.parametrize("case", ANNOTATION_CASES)
+def test_broken_karpathy_annotations_are_one_line_errors(tmp_path, capsys, case):
+    _, feats, _ = karpathy_fixture(tmp_path)
+    annotations, match = _bad_annotations(tmp_path, case)
+    argv = ["karpathy", "--annotations", str(annotations), "--features", str(feats)]
+    err = cli_error([*argv, "--output", str(tmp_path / "out")], capsys)
+    assert re.search(match, err), err
+
+
+def test_annotation_folder_for_vcr_and_pairs_is_a_one_line_error(tmp_path, capsys):
+    write_npz(tmp_path / "feats", ["1"])
+    common = ["--features", str(tmp_path / "feats"), "--output", str(tmp_path / "out")]
+    (tmp_path / "train.jsonl").mkdir()
+    err = cli_error(["vcr", "--annotations", str(tmp_path / "train.jsonl"), *common], capsys)
+    assert f"--annotations {tmp_path / 'train.jsonl'}: is a folder, not a file" in err
+    err = cli_error(["pairs", "--pairs", f"train={tmp_path / 'feats'}", *common], capsys)
+    assert f"--pairs {tmp_path / 'feats'}: is a folder, not a file" in err
+
+
+def _bad_features(tmp_path: Path, case: str) -> tuple[list[str], str]:
+    """Feature arguments broken as `case` says, and the message expected for them."""
+    regions = write_npz(tmp_path / "npz", [str(100 + i) for i in range(6)])
+    if case == "npz-format-on-a-file":
+        path = tmp_path / "feats.tsv"
+        path.write_text("")
+        return [str(path), "--feature-format", "npz"], r"feature folder .*feats.tsv is not a folder"
+    if case == "broken-hdf5":
+        path = tmp_path / "feats.h5"
+        path.write_bytes(b"not hdf5 at all")
+        return [str(path)], r"feats.h5: cannot open as HDF5 \("
+    if case == "hdf5-group-without-features":
+        h5py = pytest.importorskip("h5py")
+        path = tmp_path / "feats.h5"
+        with h5py.File(path, "w") as handle:
+            for key, r in regions.items():
+                handle.create_group(key)["boxes"] = r["boxes"]
+        return [str(path)], r"feats.h5 \(image '100'\): no 'features' dataset"
+    path = tmp_path / "feats.tsv"
+    lines = []
+    for key, r in regions.items():
+        fields = [key, "640", "480", str(len(r["features"])), b64(r["boxes"]), b64(r["features"])]
+        lines.append(fields)
+    if case == "tsv-bad-base64":
+        lines[2][5] = "@@not base64@@"
+        match = r"feats.tsv:3 \(image '102'\): features is not base64 float32"
+    elif case == "tsv-bad-count":
+        lines[1][3] = "three"
+        match = r"feats.tsv:2 \(image '101'\): num_boxes is b'three', not a number"
+    else:
+        assert case == "tsv-fields-lack-features"
+        path.write_text("\n".join("\t".join(fields) for fields in lines) + "\n")
+        return [str(path), "--tsv-fields", "image_id", "boxes"], r"TSV fields image_id boxes \("
+    path.write_text("\n".join("\t".join(fields) for fields in lines) + "\n")
+    return [str(path)], match
+
+
+FEATURE_CASES = [
+    "npz-format-on-a-file",
+    "broken-hdf5",
+    "hdf5-group-without-features",
+    "tsv-bad-base64",
+    "tsv-bad-count",
+    "tsv-fields-lack-features",
+]
+
+
+@pytest.mark.parametrize("case", FEATURE_CASES)
+def test_broken_feature_files_are_one_line_errors(tmp_path, capsys, case):
+    annotations, _, _ = karpathy_fixture(tmp_path)
+    features, match = _bad_features(tmp_path, case)
+    argv = ["karpathy", "--annotations", str(annotations), "--output", str(tmp_path / "out")]
+    err = cli_error([*argv, "--features", *features], capsys)
+    assert re.search(match, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_process_exits_2_with_one_line_for_a_broken_tsv(tmp_path):
+    annotations, _, _ = karpathy_fixture(tmp_path)
+    features, _ = _bad_features(tmp_path, "tsv-bad-base64")
+    command = [sys.executable, "-m", "xmodaler_accel.data.convert", "karpathy", "--quiet"]
+    command += ["--annotations", str(annotations), "--output", str(tmp_path / "out")]
+    done = subprocess.run(
+        [*command, "--features", *features], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "feats.tsv:3 (image '102'): features is not base64 float32" in lines[0]

@@ -1,37 +1,48 @@
-"""Atomic, exact-resume checkpoints, and weights-only loading.
+"""Atomic, verified, exact-resume checkpoints, and weights-only loading.
 
 Layout of `checkpoints/<prefix>_<step>/`: `model.safetensors`, `optimizer.pt`, `scheduler.pt`,
-`scaler.pt` (fp16 only), `hooks.pt`, `rng_<rank>.pt` (one per process) and `trainer_state.json`.
-Everything is written into `.tmp-<name>/` and renamed into place, so a directory without the `.tmp-`
-prefix is complete. Every `.pt` file holds tensors and plain Python containers only and is read
-with `torch.load(weights_only=True)`: loading a checkpoint never unpickles arbitrary objects.
+`scaler.pt` (fp16 only), `hooks.pt`, `rng_<rank>.pt` (one per process), `trainer_state.json`,
+`config.yaml` (when the Engine is given the run's config) and, written last, `manifest.json`: the
+name, size and sha256 of every other file. Everything is written into `.tmp-<name>/` and renamed
+into place, so a directory without the `.tmp-` prefix is complete; a failed write (disk full)
+removes the temp dir and raises. `find_resume_checkpoint` checks checkpoints against their
+manifest, newest first, and skips (with a warning naming the file) any that was damaged since.
+Every `.pt` file holds tensors and plain Python containers only and is read with
+`torch.load(weights_only=True)`: loading a checkpoint never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_model, save_model
+
+from .config import Config
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
-REQUIRED_FILES = (STATE_FILE, MODEL_FILE, "optimizer.pt", "hooks.pt")
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
+REQUIRED_FILES = (STATE_FILE, MODEL_FILE, "optimizer.pt", "hooks.pt", MANIFEST_FILE)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or weights file that cannot be used; the message names the path at fault."""
 
 
@@ -89,37 +100,140 @@ def write_checkpoint(
     scheduler: Any | None,
     trainer_state: dict[str, Any],
     hook_states: dict[str, Any],
+    config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a complete checkpoint atomically; collective (every process must call it)."""
+    """Write a complete checkpoint atomically; collective (every process must call it). A write
+    that fails on any process (disk full) removes the temp dir and raises CheckpointError on all."""
     root = Path(root)
     tmp, final = root / f".tmp-{name}", root / name
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    main = accelerator.is_main_process
+    error = _attempt(_make_empty_dir, tmp) if main else None
     accelerator.wait_for_everyone()
-    _save_torch(capture_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
-        _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
-        if scheduler is not None:
-            _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
-        if accelerator.scaler is not None:
-            _save_torch(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        _save_torch(hook_states, tmp / "hooks.pt")
-        state = dict(trainer_state, world_size=accelerator.num_processes)
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        _fsync_tree(tmp)
-        _replace_dir(tmp, final)
-    accelerator.wait_for_everyone()
+    if error is None:
+        rng = capture_rng_state()
+        error = _attempt(_save_torch, rng, tmp / f"rng_{accelerator.process_index}.pt")
+    rng_written = not _any_process(accelerator, error is not None)
+    if rng_written and main:
+        parts = (model, optimizer, scheduler, trainer_state, hook_states, config)
+        error = _attempt(_write_main_files, accelerator, tmp, final, *parts)
+    if _any_process(accelerator, error is not None):
+        raise _write_failed(root, tmp, final, error, main) from error
     return final
 
 
+def _write_main_files(
+    accelerator: Any,
+    tmp: Path,
+    final: Path,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any | None,
+    trainer_state: dict[str, Any],
+    hook_states: dict[str, Any],
+    config: Mapping[str, Any] | None,
+) -> None:
+    """Everything but the RNG files, the manifest last, then the rename (main process)."""
+    with _writing(tmp / MODEL_FILE):
+        save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
+    _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+    if scheduler is not None:
+        _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+    if accelerator.scaler is not None:
+        _save_torch(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+    _save_torch(hook_states, tmp / "hooks.pt")
+    state = dict(trainer_state, world_size=accelerator.num_processes, **_tracker_ids(accelerator))
+    _write_text(tmp / STATE_FILE, json.dumps(state, indent=2))
+    if config is not None:
+        _write_text(tmp / CONFIG_FILE, yaml.safe_dump(Config(config).to_dict(), sort_keys=False))
+    _write_text(tmp / MANIFEST_FILE, json.dumps(_manifest(tmp), indent=2))
+    _fsync_tree(tmp)
+    _replace_dir(tmp, final)
+
+
+def _tracker_ids(accelerator: Any) -> dict[str, str]:
+    """The W&B run id, so that a resumed run logs into the same W&B run."""
+    for tracker in getattr(accelerator, "trackers", []):
+        if tracker.name == "wandb":
+            return {"wandb_run_id": tracker.run.id}
+    return {}
+
+
+def _manifest(directory: Path) -> dict[str, Any]:
+    files = sorted(p for p in directory.iterdir() if p.name != MANIFEST_FILE)
+    return {"files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _attempt(fn: Callable[..., Any], *args: Any) -> Exception | None:
+    """Run `fn`; the exception it raised, kept until the processes agree that a write failed."""
+    try:
+        fn(*args)
+    except Exception as err:
+        return err
+    return None
+
+
+def _any_process(accelerator: Any, flag: bool) -> bool:
+    """Whether `flag` is set on any process (collective: a barrier that carries one flag)."""
+    flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
+    return bool(flags.max().item())
+
+
+def _write_failed(
+    root: Path, tmp: Path, final: Path, error: Exception | None, main: bool
+) -> CheckpointError:
+    message = f"could not write checkpoint {final}: {error or 'it failed on another process'}"
+    if not main:
+        return CheckpointError(message)
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = _newest_intact(root, final.name.rpartition("_")[0])
+    if previous is None:
+        return CheckpointError(f"{message}; there is no previous checkpoint")
+    return CheckpointError(f"{message}; the previous checkpoint {previous} is intact")
+
+
+def _newest_intact(root: Path, prefix: str) -> Path | None:
+    try:
+        return find_resume_checkpoint(root, prefix)
+    except CheckpointError:
+        return None
+
+
+def _make_empty_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+@contextmanager
+def _writing(path: Path):
+    """Name the file in any error raised while writing it."""
+    try:
+        yield
+    except Exception as err:
+        raise CheckpointError(f"{path.name}: {err}") from err
+
+
 def _save_torch(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
+    with _writing(path), open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:  # a failed write shows as "unexpected pos"; say why it failed
+            cause = err.__context__
+            raise (cause if isinstance(cause, OSError) else err) from err
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _writing(path):
+        path.write_text(text)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -150,7 +264,16 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 # ---------------------------------------------------------------- finding and pruning
 def list_checkpoints(root: str | os.PathLike, prefix: str = "step") -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root`, oldest first, as (step, path)."""
+    """Complete checkpoints under `root`, oldest first, as (step, path); not verified."""
+    return [
+        (step, path)
+        for step, path in _checkpoint_dirs(root, prefix)
+        if all((path / f).is_file() for f in REQUIRED_FILES)
+    ]
+
+
+def _checkpoint_dirs(root: str | os.PathLike, prefix: str) -> list[tuple[int, Path]]:
+    """Every `<prefix>_<step>` directory under `root`, complete or not, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -158,7 +281,7 @@ def list_checkpoints(root: str | os.PathLike, prefix: str = "step") -> list[tupl
     found = []
     for path in root.iterdir():
         match = pattern.match(path.name)
-        if match and path.is_dir() and all((path / f).is_file() for f in REQUIRED_FILES):
+        if match and path.is_dir():
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -178,6 +301,80 @@ def prune_checkpoints(root: str | os.PathLike, keep: int, prefix: str = "step") 
         shutil.rmtree(path, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- verifying
+def find_resume_checkpoint(root: str | os.PathLike, prefix: str = "step") -> Path | None:
+    """The newest checkpoint under `root` that matches its manifest; each newer one that does not
+    is skipped with one warning naming the file at fault. None when there is no checkpoint at
+    all; CheckpointError when there are some but none is intact."""
+    found = _checkpoint_dirs(root, prefix)
+    for _, path in reversed(found):
+        problem, first_time = _verify(path)
+        if problem is None:
+            return path
+        if first_time:
+            logger.warning("skipping %s: %s", path, problem)
+    if found:
+        reasons = "; ".join(f"{path.name}: {_verify(path)[0]}" for _, path in reversed(found))
+        raise CheckpointError(f"no intact checkpoint under {root} ({reasons})")
+    return None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> Path:
+    """`path` itself, after checking it against its manifest (CheckpointError naming the file)."""
+    path = Path(path)
+    problem, _ = _verify(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
+    return path
+
+
+# (path, each file's name, inode, size and mtime) -> problem; a process hashes a checkpoint once.
+_VERIFIED: dict[tuple, str | None] = {}
+
+
+def _verify(path: Path) -> tuple[str | None, bool]:
+    """(why `path` fails its manifest or None, whether this call found it out)."""
+    key = _stat_key(path)
+    if key in _VERIFIED:
+        return _VERIFIED[key], False
+    _VERIFIED[key] = _manifest_problem(path)
+    return _VERIFIED[key], True
+
+
+def _stat_key(path: Path) -> tuple:
+    stats = []
+    for file in sorted(path.iterdir()) if path.is_dir() else []:
+        st = file.stat()
+        stats.append((file.name, st.st_ino, st.st_size, st.st_mtime_ns))
+    return (str(path.resolve()), tuple(stats))
+
+
+def _manifest_problem(path: Path) -> str | None:
+    """Why `path` does not match its manifest ("optimizer.pt is missing"); None when intact."""
+    if not path.is_dir():
+        return "no such directory"
+    try:
+        files = json.loads((path / MANIFEST_FILE).read_text())["files"]
+        entries = [(name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]
+    except FileNotFoundError:
+        return f"{MANIFEST_FILE} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{MANIFEST_FILE} is unreadable ({type(err).__name__}: {err})"
+    unlisted = [f for f in REQUIRED_FILES if f not in files and f != MANIFEST_FILE]
+    if unlisted:
+        return f"{MANIFEST_FILE} does not list {', '.join(unlisted)}"
+    for name, size, _ in entries:
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {MANIFEST_FILE} says {size}"
+    for name, _, sha256 in entries:
+        if _sha256(path / name) != sha256:
+            return f"{name} does not match its sha256 in {MANIFEST_FILE}"
+    return None
+
+
 # ---------------------------------------------------------------- reading
 def read_checkpoint(
     accelerator: Any,
@@ -187,22 +384,23 @@ def read_checkpoint(
     optimizer: Any,
     scheduler: Any | None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore model, optimizer, scheduler, scaler and this process's RNG; return (state, hooks)."""
+    """Restore model, optimizer, scheduler, scaler and this process's RNG; return (state, hooks).
+    Any file that is missing or unreadable is a CheckpointError naming it."""
     path = Path(path)
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    state = json.loads((path / STATE_FILE).read_text())
+    state = read_trainer_state(path)
     # Read on the CPU and copied into the parameters where they live (safetensors rejects "cpu:0").
-    load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE), device="cpu")
+    _load_safetensors(accelerator.unwrap_model(model), path / MODEL_FILE, strict=True)
     optimizer.load_state_dict(_load_torch(path / "optimizer.pt"))
     if scheduler is not None:
-        _require(path / "scheduler.pt")
-        scheduler.load_state_dict(_load_torch(path / "scheduler.pt"))
+        scheduler.load_state_dict(_load_torch(_require(path / "scheduler.pt")))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(_load_torch(path / "scaler.pt"))
-    rng_file = path / f"rng_{accelerator.process_index}.pt"
-    if state.get("world_size") != accelerator.num_processes or not rng_file.is_file():
+    if state.get("world_size") == accelerator.num_processes:
+        restore_rng_state(_load_torch(_require(path / f"rng_{accelerator.process_index}.pt")))
+    else:
         logger.warning(
             "checkpoint %s was written by %s processes, resuming with %s: the data order is "
             "kept, but random streams (dropout, sampling) are re-seeded per process",
@@ -210,20 +408,52 @@ def read_checkpoint(
             state.get("world_size"),
             accelerator.num_processes,
         )
-    else:
-        restore_rng_state(_load_torch(rng_file))
     return state, _load_torch(path / "hooks.pt")
 
 
-def _require(path: Path) -> None:
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's `trainer_state.json` (step, epoch, world_size, wandb_run_id, ...)."""
+    file = Path(path) / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {file}: {err}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot read {file}: not a JSON object")
+    return state
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The resolved config a checkpoint was written with; None when it holds no `config.yaml`."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        return None
+    try:
+        config = yaml.safe_load(file.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise CheckpointError(f"cannot read {file}: {err}") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"cannot read {file}: not a mapping")
+    return config
+
+
+def _require(path: Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
+    return path
 
 
 def _load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file or an object that is not plain data
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
+def _load_safetensors(model: torch.nn.Module, path: Path, strict: bool) -> tuple[list, list]:
+    try:
+        return load_model(model, str(path), strict=strict, device="cpu")
+    except Exception as err:  # truncated or corrupt file, or (strict) keys that do not match
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
@@ -242,7 +472,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
         raise CheckpointError(f"model.weights: file not found: {path}")
     if path.suffix == ".safetensors":
         # load_model knows the tensors that save_model wrote once for several names (tied weights).
-        missing, unexpected = load_model(model, str(path), strict=False, device="cpu")
+        missing, unexpected = _load_safetensors(model, path, strict=False)
     else:
         state = _load_torch(path)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):

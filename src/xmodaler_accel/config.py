@@ -17,17 +17,20 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
+
 BASE_KEY = "_base_"
 
 DEFAULTS: dict[str, Any] = {
     "output_dir": "output/run",
     "seed": 42,
-    # "no" | "fp16" | "bf16", passed to accelerate.Accelerator.
-    "mixed_precision": "no",
+    # "no" | "fp16" | "bf16"; left null, the launcher's setting (`accelerate launch
+    # --mixed_precision`, `accelerate config`) or "no". See setup.resolve_launcher_settings.
+    "mixed_precision": None,
     "train": {
         "max_steps": 1000,
         "batch_size": 32,  # per process
-        "grad_accum": 1,
+        "grad_accum": None,  # left null: the launcher's (ACCELERATE_GRADIENT_ACCUMULATION_STEPS) or 1
         "num_workers": 0,
         "drop_last": True,
         "log_every": 20,
@@ -68,11 +71,31 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# The values each enumerated key accepts; checked when a config is loaded, so a typo stops the run
+# before data and model are built. Tasks add their own (e.g. captioning's `rl.sampler`).
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "mixed_precision": (None, "no", "fp16", "bf16"),
+    "train.clip_grad.mode": ("none", "norm", "value"),
+    "optim.name": ("adam", "adamw", "sgd"),
+    "lr_scheduler.name": (
+        "constant",
+        "noam",
+        "warmup_linear",
+        "warmup_cosine",
+        "step",
+        "warmup_multistep",
+    ),
+    "logging.wandb.mode": ("online", "offline", "disabled"),
+}
+
+# Keys whose default is null (unset): the type a value must have when one is given.
+NULLABLE_TYPES: dict[str, type] = {"mixed_precision": str, "train.grad_accum": int}
+
 # Sections of DEFAULTS that a root config file may extend with keys of its own.
 OPEN_SECTIONS = frozenset({"model"})
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message names the file or key at fault."""
 
 
@@ -114,8 +137,10 @@ def load_config(
     overrides: Iterable[str] = (),
     defaults: Mapping[str, Any] | None = None,
     sections: Iterable[str] = (),
+    choices: Mapping[str, tuple[Any, ...]] | None = None,
 ) -> Config:
-    """Load `path` (with its `_base_` chain) over `defaults`, then apply `key=value` overrides.
+    """Load `path` (with its `_base_` chain) over `defaults`, then apply `key=value` overrides,
+    then check every enumerated key against `choices` (default `CHOICES`).
 
     `sections` names a recipe's own sections (e.g. `scst`): overrides of the other keys, which
     any file may fill; `apply_section` checks them against the config when it applies them.
@@ -127,7 +152,21 @@ def load_config(
     _merge(merged, chain, str(path), strict=False, prefix="", sections=sections)
     cfg = Config(merged)
     apply_overrides(cfg, overrides)
+    check_choices(cfg, CHOICES if choices is None else choices, source=str(path))
     return cfg
+
+
+def check_choices(cfg: Config, choices: Mapping[str, tuple[Any, ...]], source: str = "") -> None:
+    """Raise ConfigError naming the first enumerated key whose value is not one of its choices."""
+    for dotted, allowed in choices.items():
+        try:
+            value = cfg.get_path(dotted)
+        except (KeyError, TypeError):
+            continue  # a key this recipe's config does not have
+        if value not in allowed:
+            where = f"{source}: " if source else ""
+            shown = ", ".join("null" if a is None else repr(a) for a in allowed)
+            raise ConfigError(f"{where}config key '{dotted}': {value!r} is not one of {shown}")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -216,8 +255,12 @@ def _merge(
 
 def _check_type(dotted: str, current: Any, value: Any, source: str) -> Any:
     """Return `value` as the type of `current`, or raise naming key, expected and got."""
-    if current is None or value is None:
+    if value is None:
         return value
+    if current is None:
+        if dotted not in NULLABLE_TYPES:
+            return value
+        current = NULLABLE_TYPES[dotted]()  # a value of the type the key takes
     expected = type(current)
     if isinstance(current, bool) or isinstance(value, bool):
         ok = isinstance(current, bool) and isinstance(value, bool)
@@ -235,12 +278,30 @@ def _check_type(dotted: str, current: Any, value: Any, source: str) -> Any:
     return copy.deepcopy(value)
 
 
-def _unknown_key_message(dotted: str, valid: Iterable[str], prefix: str = "") -> str:
+def _unknown_key_message(
+    dotted: str, valid: Iterable[str], prefix: str = "", root: Mapping | None = None
+) -> str:
+    """Name the unknown key, suggest the nearest valid ones and list the keys at that level.
+
+    With `root` (the whole config) the suggestion compares full dotted keys, so a typo in any
+    part is found (`trian.max_steps` -> 'train.max_steps', `optim.lr_typo` -> 'optim.lr')."""
     valid = list(valid)
-    leaf = dotted.rsplit(".", 1)[-1]
-    near = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(prefix + n) for n in near)}?" if near else ""
+    if root is not None:
+        near = difflib.get_close_matches(dotted, _dotted_keys(root), n=3, cutoff=0.6)
+    else:
+        leaf = dotted.rsplit(".", 1)[-1]
+        near = [prefix + n for n in difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)]
+    hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
     return f"unknown config key '{dotted}'{hint} (valid keys here: {', '.join(sorted(valid))})"
+
+
+def _dotted_keys(node: Mapping, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, Mapping):
+            keys.extend(_dotted_keys(value, f"{prefix}{key}."))
+    return keys
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> None:
@@ -255,7 +316,8 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> None:
             if not isinstance(node, dict) or part not in node:
                 here = node.keys() if isinstance(node, dict) else []
                 prefix = ".".join(parts[:i]) + "." if i else ""
-                raise ConfigError(f"override: {_unknown_key_message(dotted, here, prefix)}")
+                message = _unknown_key_message(dotted, here, prefix, root=cfg)
+                raise ConfigError(f"override: {message}")
             if i < len(parts) - 1:
                 node = node[part]
         current = node[parts[-1]]

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import latest_checkpoint, prune_checkpoints, read_checkpoint, write_checkpoint
+from . import checkpoint as ckpt
 from .events import Event, EventBus
 from .samplers import ResumableSampler, find_resumable_sampler
 from .step_metrics import NonFiniteLossError, StepMetrics
@@ -47,6 +47,7 @@ class Engine:
         checkpoint_prefix: str = "step",
         checkpoint_keep: int = 3,
         sync_every: int = 20,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
         if clip_grad not in ("none", "norm", "value"):
             raise ValueError(f"clip_grad must be 'none', 'norm' or 'value', got {clip_grad!r}")
@@ -73,6 +74,7 @@ class Engine:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.checkpoint_prefix, self.checkpoint_keep = checkpoint_prefix, checkpoint_keep
         self.sync_every = max(1, sync_every)
+        self.config = config  # the run's resolved config, saved in each checkpoint (config.yaml)
         self.events = EventBus()
 
         self.step = 0  # optimizer steps completed
@@ -252,36 +254,36 @@ class Engine:
         """Write `checkpoints/<prefix>_<step>` atomically (collective); never with NaN weights."""
         self.check_finite()
         prefix = prefix or self.checkpoint_prefix
-        path = write_checkpoint(
+        path = ckpt.write_checkpoint(
             self.accelerator,
             self.checkpoint_dir,
             f"{prefix}_{self.step}",
             **self._model_optimizer_scheduler(),
             trainer_state=self.trainer_state(),
             hook_states=self.events.state_dicts(),
+            config=self.config,
         )
         if self.is_main_process:
             keep = self.checkpoint_keep if keep is None else keep
-            prune_checkpoints(self.checkpoint_dir, keep, prefix)
+            ckpt.prune_checkpoints(self.checkpoint_dir, keep, prefix)
         self.accelerator.wait_for_everyone()
         self.fire(Event.CHECKPOINT)
         return path
 
     def resume(self, path: str | Path | None = None, *, evaluate_only: bool = False) -> bool:
-        """Continue from `path` or the newest complete checkpoint; False when there is none. With
-        `evaluate_only` (`--eval-only --resume`), a missing checkpoint is an error rather than a
-        fresh start, and the batch size or process count may differ from the training run's."""
-        path = (
-            Path(path) if path else latest_checkpoint(self.checkpoint_dir, self.checkpoint_prefix)
-        )
+        """Continue from `path` or the newest intact checkpoint (checked against its manifest);
+        False when there is none. With `evaluate_only` (`--eval-only --resume`), a missing one is
+        an error, and the batch size or process count may differ from the training run's."""
+        root, prefix = self.checkpoint_dir, self.checkpoint_prefix
+        path = ckpt.verify_checkpoint(path) if path else ckpt.find_resume_checkpoint(root, prefix)
         if path is None and evaluate_only:
-            raise FileNotFoundError(
-                f"--eval-only --resume: no complete checkpoint under {self.checkpoint_dir}"
-            )
+            raise FileNotFoundError(f"--eval-only --resume: no complete checkpoint under {root}")
         if path is None:
             logger.info("no checkpoint under %s: starting from scratch", self.checkpoint_dir)
             return False
-        state, hooks = read_checkpoint(self.accelerator, path, **self._model_optimizer_scheduler())
+        state, hooks = ckpt.read_checkpoint(
+            self.accelerator, path, **self._model_optimizer_scheduler()
+        )
         if state["global_batch_size"] != self.global_batch_size and not evaluate_only:
             raise ValueError(
                 f"checkpoint {path} was trained with {state['global_batch_size']} samples per "

@@ -122,6 +122,14 @@ def _split_paths(values: Sequence[str]) -> dict[str, Path]:
     return out
 
 
+def _check_annotations(paths: Sequence[Path], flag: str) -> None:
+    """A missing or misnamed annotation file is a one-line error before any work."""
+    for path in paths:
+        if not path.is_file():
+            state = "is a folder, not a file" if path.is_dir() else "no such file"
+            raise DataError(f"{flag} {path}: {state}")
+
+
 def run(args: argparse.Namespace) -> Path:
     if args.command == "synthetic":
         return synthetic_dir(
@@ -135,6 +143,11 @@ def run(args: argparse.Namespace) -> Path:
             dtype="float16" if args.float16 else "float32",
         )
     features = args.features[0] if len(args.features) == 1 else args.features
+    if args.command == "pairs":
+        _check_annotations(list(_split_paths(args.pairs).values()), "--pairs")
+    else:
+        annotations = args.annotations if args.command == "vcr" else [args.annotations]
+        _check_annotations(annotations, "--annotations")
     if args.command == "karpathy":
         return convert_karpathy(
             args.annotations,
@@ -165,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         output = run(args)
     except (DataError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = " ".join(str(err).splitlines())  # one line, even for a library's message
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print(output)
     return 0

@@ -7,8 +7,10 @@ is renamed into place only when everything (tables, tokenizer, `meta.json`) is w
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,13 @@ from .errors import (
     FeatureShapeError,
     UnknownSplitError,
 )
-from .features import FeatureReader, check_regions, location_features, open_features
+from .features import (
+    FeatureReader,
+    RegionFeatures,
+    check_regions,
+    location_features,
+    open_features,
+)
 from .store import (
     SplitWriter,
     atomic_directory,
@@ -41,6 +49,7 @@ from .tokenizer import (
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+WIDTH_PROBE_IMAGES = 5  # images read up front to infer the feature width by majority
 
 
 @dataclass
@@ -71,17 +80,47 @@ class RegionColumns:
         self.feat_dim = feat_dim
         self.keep_cls_prob = keep_cls_prob
         self.cls_dim: int | None = None
+        self._why = " as set by --feat-dim" if feat_dim else ""
+        self._probed: dict[str, RegionFeatures] = {}
         self._warned: set[str] = set()
 
-    def probe(self, key: str) -> None:
-        """Fix the feature and cls_prob widths from the first image when not given."""
-        regions = check_regions(self.reader.read(key), self._where(key), self.feat_dim)
-        self.feat_dim = self.feat_dim or regions.features.shape[1]
-        if self.keep_cls_prob and regions.cls_prob is not None:
-            self.cls_dim = regions.cls_prob.shape[1]
+    def probe(self, keys: Sequence[str]) -> None:
+        """Fix the feature width from the first few images (unless given) and the cls_prob width
+        from the first.
+
+        The width is the one a strict majority of `keys` share, so a first image of the wrong
+        width is named as the odd one out rather than the correct image after it; with no
+        majority the user is asked for `--feat-dim`. Probed images are kept for `__call__`.
+        """
+        keys = list(dict.fromkeys(keys))
+        for key in keys:
+            where = self._where(key)
+            self._probed[key] = check_regions(
+                self.reader.read(key), where, self.feat_dim, self._why
+            )
+        first = self._probed[keys[0]]
+        if self.keep_cls_prob and first.cls_prob is not None:
+            self.cls_dim = first.cls_prob.shape[1]
+        if self.feat_dim:
+            return
+        widths = {key: regions.features.shape[1] for key, regions in self._probed.items()}
+        width, count = Counter(widths.values()).most_common(1)[0]
+        if 2 * count <= len(widths):
+            found = ", ".join(f"{self._where(key)} has {dim}" for key, dim in widths.items())
+            raise FeatureShapeError(
+                f"cannot tell the feature width: the first {len(widths)} images disagree "
+                f"({found}); pass --feat-dim to say which width is right"
+            )
+        self.feat_dim = width
+        self._why = (
+            f"; {width} is the width of {count} of the first {len(widths)} images"
+            " (pass --feat-dim to set the width)"
+        )
+        for key in keys:  # names the first odd image, with the reason
+            check_regions(self._probed[key], self._where(key), self.feat_dim, self._why)
 
     def _where(self, key: str) -> str:
-        return f"image {key!r} in {self.reader.source}"
+        return self.reader.locate(key)
 
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:
@@ -90,7 +129,10 @@ class RegionColumns:
 
     def __call__(self, key: str) -> dict[str, Any]:
         where = self._where(key)
-        regions = check_regions(self.reader.read(key), where, self.feat_dim)
+        regions = self._probed.pop(key, None)
+        if regions is None:
+            regions = self.reader.read(key)
+        regions = check_regions(regions, where, self.feat_dim, self._why)
         num = regions.features.shape[0]
         width, height = regions.image_w, regions.image_h
         if regions.boxes is None:
@@ -168,14 +210,23 @@ def check_tagged_regions(
 def read_karpathy(path: str | Path, feature_key: str = "auto") -> dict[str, list[ImageEntry]]:
     """Images per split from `dataset_coco.json`-style files; restval is folded into train."""
     path = Path(path)
+    if not path.is_file():
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"annotation file {path} {state}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not a UTF-8 JSON file ({err.reason} at byte {err.start})"
+        ) from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DataError(f"{path}: expected an object with an 'images' list")
+        raise DataError(f"{path}: expected an object with an 'images' list (Karpathy split JSON)")
     splits: dict[str, list[ImageEntry]] = {name: [] for name in SPLITS}
     for position, image in enumerate(data["images"]):
+        if not isinstance(image, dict):
+            raise DataError(f"{path}: images[{position}] is {image!r:.40}, expected an object")
         name = f"image {image.get('filename', position)!r} (imgid {image.get('imgid')})"
         split = {"restval": "train"}.get(image.get("split"), image.get("split"))
         if split not in splits:
@@ -183,13 +234,15 @@ def read_karpathy(path: str | Path, feature_key: str = "auto") -> dict[str, list
                 f"{path}: {name} has split {image.get('split')!r}; "
                 "expected train, val, test or restval"
             )
-        entry = ImageEntry(int(image.get("cocoid", image.get("imgid", position))), "")
+        entry = ImageEntry(_karpathy_id(image, position, f"{path}: {name}"), "")
         entry.key = _karpathy_key(image, feature_key, f"{path}: {name}")
-        for k, sentence in enumerate(image.get("sentences", [])):
-            text = (
-                " ".join(sentence["tokens"]) if sentence.get("tokens") else sentence.get("raw", "")
-            )
-            entry.captions.append(normalise_caption(text, f"{path}: {name} sentence {k}"))
+        sentences = image.get("sentences", [])
+        if not isinstance(sentences, list):
+            raise DataError(f"{path}: {name} has 'sentences' {sentences!r:.40}, expected a list")
+        for k, sentence in enumerate(sentences):
+            where = f"{path}: {name} sentence {k}"
+            text = _karpathy_text(sentence, where)
+            entry.captions.append(normalise_caption(text, where))
             entry.raw_captions.append(str(sentence.get("raw", text)))
         if not entry.captions:
             raise EmptyCaptionError(f"{path}: {name} has no sentences")
@@ -197,14 +250,37 @@ def read_karpathy(path: str | Path, feature_key: str = "auto") -> dict[str, list
     return {name: entries for name, entries in splits.items() if entries}
 
 
+def _karpathy_text(sentence: Any, where: str) -> str:
+    """A sentence's text: its tokens joined, else its raw string."""
+    if not isinstance(sentence, dict):
+        raise DataError(f"{where} is {sentence!r:.40}, expected an object with 'tokens' or 'raw'")
+    tokens = sentence.get("tokens")
+    if tokens:
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise DataError(f"{where}: 'tokens' is {tokens!r:.40}, expected a list of strings")
+        return " ".join(tokens)
+    return str(sentence.get("raw", ""))
+
+
+def _karpathy_id(image: Mapping[str, Any], position: int, where: str) -> int:
+    value = image.get("cocoid", image.get("imgid", position))
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        key = "cocoid" if "cocoid" in image else "imgid"
+        raise DataError(f"{where}: {key} {value!r:.40} is not an integer") from None
+
+
 def _karpathy_key(image: Mapping[str, Any], feature_key: str, where: str) -> str:
-    if feature_key == "auto":
-        feature_key = "cocoid" if "cocoid" in image else "filename"
-    if feature_key == "filename":
+    key = feature_key
+    if key == "auto":
+        key = "cocoid" if "cocoid" in image else "filename"
+    if key not in image:
+        wanted = "'cocoid' or 'filename'" if feature_key == "auto" else repr(key)
+        raise DataError(f"{where} has no {wanted} to name its feature file (see --feature-key)")
+    if key == "filename":
         return Path(str(image["filename"])).stem
-    if feature_key not in image:
-        raise DataError(f"{where} has no {feature_key!r} to name its feature file")
-    return str(image[feature_key])
+    return str(image[key])
 
 
 def _train_texts(entries: Iterable[ImageEntry]) -> list[str]:
@@ -244,7 +320,8 @@ def convert_images(
     with atomic_directory(output, if_exists="replace" if overwrite else "error") as tmp:
         reader = open_features(features, feature_format, tsv_fields)
         regions = RegionColumns(reader, feat_dim=feat_dim, keep_cls_prob=keep_cls_prob)
-        regions.probe(next(entry.key for entries in splits.values() for entry in entries))
+        keys = (entry.key for entries in splits.values() for entry in entries)
+        regions.probe(list(itertools.islice(keys, WIDTH_PROBE_IMAGES)))
         counts, region_counts = {}, {}
         for split, entries in splits.items():
             region_counts[split] = _write_images(

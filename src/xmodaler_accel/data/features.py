@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -47,15 +48,27 @@ class FeatureReader(Protocol):
 
     def keys(self) -> Iterator[str]: ...
 
+    def locate(self, key: str) -> str:
+        """The file (and line) holding an image, with its key, for error messages."""
+        ...
+
 
 def check_regions(
-    regions: RegionFeatures, where: str, feat_dim: int | None = None
+    regions: RegionFeatures, where: str, feat_dim: int | None = None, why: str = ""
 ) -> RegionFeatures:
-    """Raise FeatureShapeError unless features are (N>0, feat_dim), boxes (N, 4), all finite."""
+    """Raise FeatureShapeError unless features are (N>0, feat_dim), boxes (N, 4), all finite.
+
+    `why` says where `feat_dim` came from; it ends the message of a width mismatch.
+    """
     feats = regions.features
-    if feats.ndim != 2 or feats.shape[0] == 0 or (feat_dim and feats.shape[1] != feat_dim):
-        expected = f"(N, {feat_dim})" if feat_dim else "(N, D) with N > 0"
-        raise FeatureShapeError(f"{where}: features have shape {feats.shape}, expected {expected}")
+    if feats.ndim != 2 or feats.shape[0] == 0:
+        raise FeatureShapeError(
+            f"{where}: features have shape {feats.shape}, expected (N, D) with N > 0"
+        )
+    if feat_dim and feats.shape[1] != feat_dim:
+        raise FeatureShapeError(
+            f"{where}: features have shape {feats.shape}, expected (N, {feat_dim}){why}"
+        )
     num = feats.shape[0]
     if regions.boxes is not None and regions.boxes.shape != (num, 4):
         raise FeatureShapeError(
@@ -95,20 +108,26 @@ class NpzFolder:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FeatureFileNotFoundError(f"feature folder {self.root} does not exist")
+            state = "is not a folder" if self.root.exists() else "does not exist"
+            raise FeatureFileNotFoundError(f"feature folder {self.root} {state}")
         self.source = str(self.root)
 
     def path(self, key: str) -> Path:
-        return self.root / f"{key}.npz"
+        """The `.npz` of an image, or its `.npy` when only that exists."""
+        path = self.root / f"{key}.npz"
+        npy = path.with_suffix(".npy")
+        return npy if not path.is_file() and npy.is_file() else path
+
+    def locate(self, key: str) -> str:
+        return f"{self.path(key)} (image {key!r})"
 
     def read(self, key: str) -> RegionFeatures:
         path = self.path(key)
         if not path.is_file():
-            npy = self.root / f"{key}.npy"
-            if npy.is_file():
-                return RegionFeatures(np.load(npy))
             raise FeatureFileNotFoundError(f"missing feature file {path} for image {key!r}")
         try:
+            if path.suffix == ".npy":
+                return RegionFeatures(np.load(path))
             return self._read_npz(path)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
             if isinstance(err, DataError):
@@ -138,10 +157,20 @@ class NpzFolder:
 
 
 def _decode(field: bytes, rows: int, where: str, name: str) -> np.ndarray:
-    array = np.frombuffer(base64.b64decode(field), dtype=np.float32)
+    try:
+        array = np.frombuffer(base64.b64decode(field, validate=True), dtype=np.float32)
+    except (binascii.Error, ValueError) as err:
+        raise FeatureShapeError(f"{where}: {name} is not base64 float32 ({err})") from None
     if rows <= 0 or array.size % rows:
         raise FeatureShapeError(f"{where}: {name} has {array.size} values for {rows} boxes")
     return array.reshape(rows, -1)
+
+
+def _number(row: dict[str, bytes], name: str, where: str) -> int:
+    try:
+        return int(float(row[name]))
+    except ValueError:
+        raise FeatureShapeError(f"{where}: {name} is {row[name][:20]!r}, not a number") from None
 
 
 class BottomUpTSV:
@@ -150,14 +179,15 @@ class BottomUpTSV:
     def __init__(self, paths: Sequence[str | Path], fields: Sequence[str] = BOTTOM_UP_FIELDS):
         self.paths = [Path(p) for p in paths]
         self.fields = tuple(fields)
-        for needed in ("image_id", "num_boxes", "features"):
-            if needed not in self.fields:
-                raise ValueError(f"TSV fields {self.fields} lack {needed!r}")
+        missing = [f for f in ("image_id", "num_boxes", "features") if f not in self.fields]
+        if missing:
+            raise DataError(f"TSV fields {' '.join(self.fields)} (--tsv-fields) lack {missing}")
         self.source = ", ".join(str(p) for p in self.paths)
         self._offsets: dict[str, tuple[int, int, int]] = {}
         for file_index, path in enumerate(self.paths):
             if not path.is_file():
-                raise FeatureFileNotFoundError(f"missing feature file {path}")
+                state = "is not a file" if path.exists() else "does not exist"
+                raise FeatureFileNotFoundError(f"feature file {path} {state}")
             self._index(file_index, path)
 
     def _index(self, file_index: int, path: Path) -> None:
@@ -166,12 +196,24 @@ class BottomUpTSV:
             offset = 0
             for line_no, line in enumerate(handle, start=1):
                 if line.strip():
-                    key = line.split(b"\t", id_column + 1)[id_column].decode().strip()
+                    parts = line.split(b"\t", id_column + 1)
+                    if len(parts) <= id_column:
+                        raise FeatureShapeError(
+                            f"{path}:{line_no}: {len(parts)} fields, expected {len(self.fields)} "
+                            f"({' '.join(self.fields)}; see --tsv-fields)"
+                        )
+                    key = parts[id_column].decode("utf-8", "replace").strip()
                     self._offsets[key] = (file_index, offset, line_no)
                 offset += len(line)
 
     def keys(self) -> Iterator[str]:
         return iter(self._offsets)
+
+    def locate(self, key: str) -> str:
+        if key not in self._offsets:
+            return f"image {key!r} in {self.source}"
+        file_index, _, line_no = self._offsets[key]
+        return f"{self.paths[file_index]}:{line_no} (image {key!r})"
 
     def read(self, key: str) -> RegionFeatures:
         if key not in self._offsets:
@@ -185,12 +227,15 @@ class BottomUpTSV:
             parts = handle.readline().rstrip(b"\r\n").split(b"\t")
         where = f"{path}:{line_no} (image {key!r})"
         if len(parts) != len(self.fields):
-            raise FeatureShapeError(f"{where}: {len(parts)} fields, expected {len(self.fields)}")
+            raise FeatureShapeError(
+                f"{where}: {len(parts)} fields, expected {len(self.fields)} "
+                f"({' '.join(self.fields)}; see --tsv-fields)"
+            )
         row = dict(zip(self.fields, parts))
-        rows = int(row["num_boxes"])
+        rows = _number(row, "num_boxes", where)
         boxes = _decode(row["boxes"], rows, where, "boxes") if "boxes" in row else None
         cls_prob = _decode(row["cls_prob"], rows, where, "cls_prob") if "cls_prob" in row else None
-        size = [int(float(row[k])) if k in row else None for k in ("image_w", "image_h")]
+        size = [_number(row, k, where) if k in row else None for k in ("image_w", "image_h")]
         feats = _decode(row["features"], rows, where, "features")
         return RegionFeatures(feats, boxes, size[0], size[1], cls_prob)
 
@@ -205,14 +250,19 @@ class HDF5Features:
             raise ImportError("reading HDF5 features needs h5py: pip install h5py") from err
         self.path = Path(path)
         if not self.path.is_file():
-            raise FeatureFileNotFoundError(f"missing feature file {self.path}")
+            state = "is not a file" if self.path.exists() else "does not exist"
+            raise FeatureFileNotFoundError(f"feature file {self.path} {state}")
         self.source = str(self.path)
         self._h5py = h5py
         self._file = None
+        self._handle()  # a file that is not HDF5 fails here, before any conversion work
 
     def _handle(self):
         if self._file is None:
-            self._file = self._h5py.File(self.path, "r")
+            try:
+                self._file = self._h5py.File(self.path, "r")
+            except OSError as err:
+                raise FeatureShapeError(f"{self.path}: cannot open as HDF5 ({err})") from None
         return self._file
 
     def __getstate__(self) -> dict:
@@ -225,7 +275,18 @@ class HDF5Features:
             elif isinstance(self._handle()[name], self._h5py.Group):
                 yield name
 
+    def locate(self, key: str) -> str:
+        return f"{self.path} (image {key!r})"
+
     def read(self, key: str) -> RegionFeatures:
+        try:
+            return self._read(key)
+        except (OSError, KeyError) as err:  # h5py's errors for damaged objects and data
+            if isinstance(err, DataError):
+                raise
+            raise FeatureShapeError(f"{self.locate(key)}: cannot read features ({err})") from None
+
+    def _read(self, key: str) -> RegionFeatures:
         handle = self._handle()
         if key in handle and isinstance(handle[key], self._h5py.Group):
             group, prefix = handle[key], ""
@@ -242,9 +303,12 @@ class HDF5Features:
                 return np.asarray(group.attrs[name])
             return None
 
+        features = get("features")
+        if features is None:
+            raise FeatureShapeError(f"{self.locate(key)}: no 'features' dataset")
         width, height = (get(k) for k in ("image_w", "image_h"))
         return RegionFeatures(
-            np.asarray(get("features")),
+            np.asarray(features),
             get("boxes"),
             None if width is None else _scalar(width),
             None if height is None else _scalar(height),

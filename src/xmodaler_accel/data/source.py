@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
+from .errors import DataError
 from .synthetic import build_synthetic, synthetic_dir
 
 # The `data:` keys every recipe understands; each task adds its own beside them.
@@ -23,7 +25,10 @@ def dataset_dir(cfg: Any) -> Path:
         return synthetic_dir(cfg.data.cache_dir or None, **cfg.data.synthetic)
     path = Path(cfg.data.source)
     if not path.is_dir():
-        raise FileNotFoundError(f"config key 'data.source': no dataset directory at {path}")
+        raise ConfigError(
+            f"config key 'data.source': no dataset directory at {path} (give 'synthetic', or a "
+            "directory written by `python -m xmodaler_accel.data.convert`)"
+        )
     return path
 
 
@@ -33,4 +38,11 @@ def open_dataset(cfg: Any):
 
     if cfg.data.source == "synthetic":
         return build_synthetic(cfg.data.cache_dir or None, **cfg.data.synthetic)
-    return load_from_disk(str(dataset_dir(cfg)))
+    path = dataset_dir(cfg)
+    try:
+        return load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(
+            f"data.source {path} is not a dataset written by `python -m xmodaler_accel.data.convert`"
+            f" ({err})"
+        ) from None

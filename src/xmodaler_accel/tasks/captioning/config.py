@@ -12,8 +12,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ...checkpoint import latest_checkpoint
-from ...config import DEFAULTS, Config, ConfigError, apply_section, load_config
+from ...checkpoint import find_resume_checkpoint
+from ...config import (
+    CHOICES,
+    DEFAULTS,
+    Config,
+    ConfigError,
+    apply_section,
+    check_choices,
+    load_config,
+)
 from ...data.source import DATASET_DEFAULTS
 from .steps import BASELINES, SAMPLERS
 
@@ -61,11 +69,16 @@ CAPTION_DEFAULTS: dict[str, Any] = _merged(
 )
 
 
+CAPTION_CHOICES = {**CHOICES, "rl.sampler": SAMPLERS, "rl.baseline": BASELINES}
+
+
 def load_caption_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
     """The XE config: the YAML over `CAPTION_DEFAULTS`, then the command-line overrides."""
-    cfg = load_config(path, overrides, defaults=CAPTION_DEFAULTS, sections=["scst"])
-    _check_choices(cfg)
-    _check_choices(apply_section(cfg, "scst"))  # a typo in `scst:` stops XE too, not hours later
+    cfg = load_config(
+        path, overrides, defaults=CAPTION_DEFAULTS, sections=["scst"], choices=CAPTION_CHOICES
+    )
+    # A typo in `scst:` stops XE too, not hours later.
+    check_choices(apply_section(cfg, "scst"), CAPTION_CHOICES, source=f"{path} (scst section)")
     return cfg
 
 
@@ -91,22 +104,11 @@ def _newest_xe_checkpoint(xe: Config, scst: Config, path: Any) -> Path:
             f"SCST would write into the XE run's directory {xe_dir}: set scst.output_dir in "
             f"{path} (or give model.weights=<XE checkpoint> with output_dir=<new dir>)"
         )
-    checkpoint = latest_checkpoint(xe_dir / "checkpoints", xe.checkpoint.prefix)
+    checkpoint = find_resume_checkpoint(xe_dir / "checkpoints", xe.checkpoint.prefix)
     if checkpoint is None:
         raise ConfigError(
-            f"SCST starts from XE weights, and {xe_dir / 'checkpoints'} holds no complete "
+            f"SCST starts from XE weights, and {xe_dir / 'checkpoints'} holds no "
             f"checkpoint: run `python recipes/xe.py --config {path}` first, or give "
             "model.weights=<checkpoint dir or .safetensors>"
         )
     return checkpoint
-
-
-def _check_choices(cfg: Config) -> None:
-    if cfg.rl.sampler not in SAMPLERS:
-        raise ConfigError(
-            f"config key 'rl.sampler': expected one of {SAMPLERS}, got {cfg.rl.sampler!r}"
-        )
-    if cfg.rl.baseline not in BASELINES:
-        raise ConfigError(
-            f"config key 'rl.baseline': expected one of {BASELINES}, got {cfg.rl.baseline!r}"
-        )

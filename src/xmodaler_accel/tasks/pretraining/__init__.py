@@ -7,12 +7,13 @@
 The weights each fine-tuning recipe takes are exported by `models.pretrain.export_finetune_weights`.
 """
 
-from .config import PRETRAIN_DEFAULTS
+from .config import PRETRAIN_DEFAULTS, load_pretrain_config
 from .data import PretrainPairs, caption_specials, collate_pretrain
 from .evaluation import pretrain_metrics
 from .steps import pretrain_step
 
 __all__ = [
+    "load_pretrain_config",
     "PRETRAIN_DEFAULTS",
     "PretrainPairs",
     "caption_specials",

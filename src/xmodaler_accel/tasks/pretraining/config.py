@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from typing import Any
 
-from ...config import DEFAULTS
+from ...config import CHOICES, DEFAULTS, Config, load_config
 from ...data.source import DATASET_DEFAULTS
+from .steps import TWO_STAGE_MODES
 
 PRETRAIN_DEFAULTS: dict[str, Any] = {
     **DEFAULTS,
@@ -34,3 +37,11 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {
         "export_dir": "export",
     },
 }
+
+# Enumerated keys, checked at load (a typo stops the run before data and model are built).
+PRETRAIN_CHOICES: dict[str, tuple[Any, ...]] = {**CHOICES, "pretrain.two_stage": TWO_STAGE_MODES}
+
+
+def load_pretrain_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
+    """The recipe's config: the YAML over `PRETRAIN_DEFAULTS`, then the command-line overrides."""
+    return load_config(path, overrides, defaults=PRETRAIN_DEFAULTS, choices=PRETRAIN_CHOICES)

@@ -7,11 +7,12 @@ SingleStreamRetrievalTrainer[HardNegatives] (single-stream ITM).
 The data view is the shared pair view (`data.PairDataset`, `data.collate_pairs`).
 """
 
-from .config import RETRIEVAL_DEFAULTS
+from .config import RETRIEVAL_DEFAULTS, load_retrieval_config
 from .evaluation import EvalSettings, RetrievalSplit, evaluate_retrieval
 from .steps import itm_hard_negative_step, itm_step, retrieval_step
 
 __all__ = [
+    "load_retrieval_config",
     "RETRIEVAL_DEFAULTS",
     "EvalSettings",
     "RetrievalSplit",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from typing import Any
 
-from ...config import DEFAULTS
+from ...config import CHOICES, DEFAULTS, Config, load_config
 from ...data.source import DATASET_DEFAULTS
 
 RETRIEVAL_DEFAULTS: dict[str, Any] = {
@@ -31,3 +33,15 @@ RETRIEVAL_DEFAULTS: dict[str, Any] = {
         "rerank_weights": "",
     },
 }
+
+# Enumerated keys, checked at load (a typo stops the run before data and model are built).
+RETRIEVAL_CHOICES: dict[str, tuple[Any, ...]] = {
+    **CHOICES,
+    "train.negative_side": ("text", "image", "both"),
+    "model.two_stream.loss": ("max_violation", "infonce"),
+}
+
+
+def load_retrieval_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
+    """The recipe's config: the YAML over `RETRIEVAL_DEFAULTS`, then the command-line overrides."""
+    return load_config(path, overrides, defaults=RETRIEVAL_DEFAULTS, choices=RETRIEVAL_CHOICES)

@@ -7,12 +7,13 @@
 - `evaluation`: Q->A, QA->R and Q->AR of a split.
 """
 
-from .config import VCR_DEFAULTS
+from .config import VCR_DEFAULTS, load_vcr_config
 from .data import VCRTaskDataset, collate_choices, concat_choice_batches
 from .evaluation import VCRSplit, evaluate_vcr, predict_choices
 from .steps import choice_loss, vcr_step
 
 __all__ = [
+    "load_vcr_config",
     "VCR_DEFAULTS",
     "VCRSplit",
     "VCRTaskDataset",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from typing import Any
 
-from ...config import DEFAULTS
+from ...config import CHOICES, DEFAULTS, Config, load_config
 from ...data.source import DATASET_DEFAULTS
+from .steps import MODES
 
 VCR_DEFAULTS: dict[str, Any] = {
     **DEFAULTS,
@@ -33,3 +36,15 @@ VCR_DEFAULTS: dict[str, Any] = {
     },
     "vcr": {"mode": "sum", "qar_batch_size": 0},
 }
+
+# Enumerated keys, checked at load (a typo stops the run before data and model are built).
+VCR_CHOICES: dict[str, tuple[Any, ...]] = {
+    **CHOICES,
+    "vcr.mode": MODES,
+    "model.single_stream.pooling": ("cls", "mean"),
+}
+
+
+def load_vcr_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
+    """The recipe's config: the YAML over `VCR_DEFAULTS`, then the command-line overrides."""
+    return load_config(path, overrides, defaults=VCR_DEFAULTS, choices=VCR_CHOICES)
