@@ -206,3 +206,35 @@ def test_evaluate_modules_load_offline_from_package_files():
     assert loaded["coco"] == pytest.approx(expected, abs=1e-12)
     merged = {**loaded["caption_bleu"], **loaded["caption_rouge"], **loaded["caption_cider"]}
     assert merged == pytest.approx(expected, abs=1e-12)
+
+
+@needs_java
+def test_evaluator_scores_against_raw_references_as_coco_caption(test_split):
+    """The captioning evaluator scores against the references as written (PTB-tokenised by
+    score_captions), so its numbers equal coco-caption's on raw references; the normalised
+    `captions` column would not ("t-shirt", "man 's", "cannot" are normalised differently)."""
+    pytest.importorskip("pycocoevalcap")
+    from datasets import Dataset
+
+    from xmodaler_accel.data.converters import normalise_caption
+    from xmodaler_accel.tasks.captioning.evaluation import reference_captions
+
+    preds, raw_refs = _candidates(test_split, "first_vs_rest")
+    ids = {name: k for k, name in enumerate(raw_refs)}
+    table = Dataset.from_dict(
+        {
+            "image_id": list(ids.values()),
+            "captions": [[normalise_caption(c, name) for c in raw_refs[name]] for name in ids],
+            "raw_captions": [raw_refs[name] for name in ids],
+        }
+    )
+    refs = dict(zip(table["image_id"], reference_captions(table)))
+    by_id = {ids[name]: caption for name, caption in preds.items()}
+    ours = score_captions(by_id, refs, ("bleu", "cider"))
+    theirs = _coco_caption(preds, raw_refs)
+    for name in ("Bleu_1", "Bleu_4", "CIDEr"):
+        assert ours[name] == pytest.approx(theirs[name], abs=TOL), name
+    normalised = dict(zip(table["image_id"], table["captions"]))
+    off = score_captions(by_id, normalised, ("bleu", "cider"))
+    assert off["Bleu_4"] != pytest.approx(theirs["Bleu_4"], abs=TOL)
+    assert off["CIDEr"] != pytest.approx(theirs["CIDEr"], abs=TOL)

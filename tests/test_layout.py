@@ -27,6 +27,8 @@ CORE = (
     "optim",
     "evaluation",
     "hooks",
+    "run_dir",
+    "errors",
 )
 RECIPES = {p.stem for p in (REPO / "recipes").glob("*.py")}
 

@@ -128,6 +128,39 @@ def test_sample_with_greedy_baseline_matches_direct_computation():
     torch.testing.assert_close(out["advantage_std"], (rewards - base).std())
 
 
+def test_greedy_baseline_is_decoded_in_eval_mode():
+    """X-modaler's RLTrainer decodes the baseline with model.eval(): with dropout 0.5 the baseline
+    of the same weights is the same under every seed, and equals the eval-mode greedy decode."""
+    torch.manual_seed(0)
+    model = build_captioner(
+        "transformer",
+        vocab_size=12,
+        feat_dim=6,
+        d_model=16,
+        num_heads=2,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        ffn_dim=32,
+        dropout=0.5,
+        visual_dropout=0.5,
+        pred_dropout=0.5,
+        max_len=6,
+    ).train()
+    b, scorer = batch(images=6), LengthScorer()
+    baselines = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out = scst_step(fake_engine(model), b, scorer=scorer, samples_per_image=2, max_len=6)
+        baselines.add(out["baseline"].item())
+    assert model.training  # put back in train mode
+    model.eval()
+    with torch.no_grad():
+        enc = model.encode(b["features"], b["boxes"], b["region_mask"])
+        best = greedy(model, enc, max_len=6).tokens
+    assert len(baselines) == 1
+    assert baselines.pop() == pytest.approx(np.mean(scorer.score(np.arange(6), best.numpy())))
+
+
 def test_policy_gradient_raises_the_reward_of_better_samples():
     model, b, scorer = tiny_model(), batch(1), ShortnessScorer()
     model.train()

@@ -22,6 +22,21 @@ from ...metrics import score_captions
 logger = logging.getLogger(__name__)
 
 
+def reference_captions(table: Any) -> list[list[str]]:
+    """Each image's references as written (`raw_captions`), which `score_captions` PTB-tokenises
+    as coco-caption and X-modaler do, so scores compare with published ones. A store without
+    raw captions falls back to the normalised `captions`, with a warning."""
+    if "raw_captions" in table.column_names:
+        raw = table["raw_captions"]
+        if all(raw):
+            return raw
+    logger.warning(
+        "the evaluation split has no raw reference captions: scoring against the normalised "
+        "`captions` column, so the scores are not comparable with published ones"
+    )
+    return table["captions"]
+
+
 class CaptionEvaluator:
     """`evaluator(engine) -> {split: metrics}`: beam-search a split and score it (collective)."""
 
@@ -43,7 +58,7 @@ class CaptionEvaluator:
             ImageDataset(table), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
         )
         self.loader = accelerator.prepare_data_loader(loader)
-        self.references = dict(zip(table["image_id"], table["captions"]))
+        self.references = dict(zip(table["image_id"], reference_captions(table)))
 
     def predict(self, model: torch.nn.Module) -> dict[int, str]:
         ids: list[int] = []

@@ -52,6 +52,11 @@ def scst_step(
     no_grad; the log-probs come from one teacher-forced pass through the (DDP) model, so the
     encoder is trained too and gradients are synchronised as in XE. Rewards come from `scorer`
     (CIDEr-D on token ids, against the training references of `batch["index"]`).
+
+    Dropout, as X-modaler's RLTrainer uses it: the greedy baseline is decoded with the model in
+    eval mode (no dropout: the baseline of given weights is one number); the samples are drawn
+    in train mode, and the teacher-forced pass that scores them runs in train mode too, with a
+    dropout mask of its own (X-modaler scores the samples in the pass that draws them).
     """
     if sampler not in SAMPLERS or baseline not in BASELINES:
         raise ValueError(f"sampler must be one of {SAMPLERS} and baseline one of {BASELINES}")
@@ -61,7 +66,9 @@ def scst_step(
     with torch.no_grad():
         enc = model.encode(batch["features"], batch["boxes"], batch["region_mask"])
         tokens = _generate(model, enc, sampler, n, max_len, temperature)
-        greedy_tokens = greedy(model, enc, max_len=max_len).tokens if baseline == "greedy" else None
+        greedy_tokens = (
+            _greedy_in_eval_mode(model, batch, max_len) if baseline == "greedy" else None
+        )
     timings["time_generate"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -97,6 +104,17 @@ def _generate(model, enc, sampler: str, n: int, max_len: int, temperature: float
         beams = beam_search(model, enc, beam_size=n, max_len=max_len).beams  # [B, n, T]
         return beams.reshape(-1, beams.shape[-1])
     return sample(model, enc, n=n, temperature=temperature, max_len=max_len).tokens
+
+
+def _greedy_in_eval_mode(model: torch.nn.Module, batch: dict, max_len: int) -> Tensor:
+    """The greedy baseline with dropout off (X-modaler's RLTrainer: `model.eval()` for it)."""
+    was_training = model.training
+    model.eval()
+    try:
+        enc = model.encode(batch["features"], batch["boxes"], batch["region_mask"])
+        return greedy(model, enc, max_len=max_len).tokens
+    finally:
+        model.train(was_training)
 
 
 def _group_baseline(rewards: Tensor, *, leave_one_out: bool) -> Tensor:
