@@ -29,6 +29,8 @@ from xmodaler_accel.data import (
     location_features,
     open_features,
     read_meta,
+    read_pairs,
+    read_vcr,
 )
 from xmodaler_accel.data.convert import main as convert_main
 
@@ -619,3 +621,178 @@ def test_cli_process_exits_2_with_one_line_for_a_broken_tsv(tmp_path):
     assert "Traceback" not in done.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "feats.tsv:3 (image '102'): features is not base64 float32" in lines[0]
+
+
+# ----------------------------------------------------------------------------- VCR and pairs
+def _vcr_item(**change) -> str:
+    return json.dumps({**json.loads(vcr_line("img1", ["Why", "is", [0], "?"])), **change})
+
+
+VCR_LINE_CASES = {  # a field of line 2 changed: (change, message expected)
+    "answer_choices-not-list": (
+        {"answer_choices": 5},
+        r"train.jsonl:2: answer_choices is 5, expected a list of 4 choices",
+    ),
+    "rationale_choices-null": (
+        {"rationale_choices": None},
+        r"train.jsonl:2: rationale_choices is None, expected a list of 4 choices",
+    ),
+    "choice-is-a-string": (
+        {"answer_choices": ["yes", "no", "a", "b"]},
+        r"train.jsonl:2: answer_choices\[0\] is 'yes', expected a list of words and tag lists",
+    ),
+    "question-is-a-string": (
+        {"question": "Why?"},
+        r"train.jsonl:2: question is 'Why\?', expected a list of words and tag lists",
+    ),
+    "objects-not-list": ({"objects": 3}, r"train.jsonl:2: objects is 3, expected a list of class"),
+    "objects-not-strings": (
+        {"objects": [1, 2]},
+        r"train.jsonl:2: objects is \[1, 2\], expected a list of class names",
+    ),
+    "label-not-int": (
+        {"answer_label": "x"},
+        r"train.jsonl:2: answer_label is 'x', expected the index of the right choice \(0 to 3\)",
+    ),
+    "label-out-of-range": (
+        {"rationale_label": 4},
+        r"train.jsonl:2: rationale_label is 4, expected the index of the right choice",
+    ),
+    "tag-not-int": (
+        {"rationale_choices": [["a"], ["b"], [[True], "c"], ["d"]]},
+        r"train.jsonl:2: tag True is not an object index \(in rationale_choices\[2\]\)",
+    ),
+    "img_fn-not-string": (
+        {"img_fn": None},
+        r"train.jsonl:2: img_fn is None, expected the image's file name",
+    ),
+}
+
+
+def _bad_vcr(tmp_path: Path, case: str) -> tuple[list[str], str]:
+    """`--annotations` arguments broken as `case` says, and the message expected for them."""
+    path = tmp_path / "train.jsonl"
+    if case in VCR_LINE_CASES:
+        change, match = VCR_LINE_CASES[case]
+        path.write_text(_vcr_item() + "\n" + _vcr_item(**change) + "\n")
+        return [str(path)], match
+    if case == "not-utf8":
+        latin1 = _vcr_item().replace("Why", "Caf\xe9").encode("latin-1")
+        path.write_bytes(_vcr_item().encode() + b"\n" + latin1 + b"\n")
+        return [str(path)], r"train.jsonl:2: not UTF-8 \(invalid continuation byte at byte \d+\)"
+    if case == "utf16":
+        path.write_text(_vcr_item() + "\n", encoding="utf-16")
+        return [str(path)], r"train.jsonl:1: not UTF-8 \(it looks like UTF-16\); save the file as"
+    if case == "empty-file":
+        path.write_text("\n")
+        return [str(path)], r"train.jsonl: no questions; expected one VCR JSON object per line"
+    if case == "second-train-file":
+        path.write_text(_vcr_item() + "\n")
+        (tmp_path / "more").mkdir()
+        (tmp_path / "more" / "train.jsonl").write_text(_vcr_item() + "\n")
+        match = r"more/train.jsonl: a second train file \(the first is .*/train.jsonl\)"
+        return [str(path), str(tmp_path / "more" / "train.jsonl")], match
+    assert case == "img_id-missing"
+    path.write_text(_vcr_item() + "\n")
+    return [str(path), "--image-key", "img_id"], r"train.jsonl:1: img_id is missing, expected"
+
+
+VCR_CASES = [*VCR_LINE_CASES, "not-utf8", "utf16", "empty-file", "second-train-file"]
+
+
+@pytest.mark.parametrize("case", [*VCR_CASES, "img_id-missing"])
+def test_broken_vcr_annotations_are_one_line_errors(tmp_path, capsys, case):
+    write_npz(tmp_path / "feats" / "movie", ["img1"])
+    annotations, match = _bad_vcr(tmp_path, case)
+    argv = ["vcr", "--features", str(tmp_path / "feats"), "--output", str(tmp_path / "out")]
+    err = cli_error([*argv, "--annotations", *annotations], capsys)
+    assert re.search(match, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_pairs(tmp_path: Path, case: str) -> tuple[list[str], str]:
+    """`--pairs` arguments broken as `case` says, and the message expected for them."""
+    jsonl, tsv = tmp_path / "train.jsonl", tmp_path / "train.tsv"
+    first = json.dumps({"image_id": "5", "caption": "A red bus."}) + "\n"
+    lines = {
+        "jsonl-image-not-a-name": (
+            {"image_id": [5], "caption": "a bus"},
+            r"image_id is \[5\], exp",
+        ),
+        "jsonl-caption-not-string": ({"image_id": "6", "caption": ["a", "bus"]}, r"caption is \["),
+        "jsonl-caption-null": ({"image": "6", "text": None}, r"text is None, expected a string"),
+        "jsonl-not-an-object": (["6", "a bus"], r"expected a JSON object with 'image_id' and"),
+    }
+    if case in lines:
+        line, match = lines[case]
+        jsonl.write_text(first + json.dumps(line) + "\n")
+        return [f"train={jsonl}"], r"train.jsonl:2: " + match
+    if case == "tsv-empty-image-name":
+        tsv.write_text("5.jpg#0\tA red bus.\n\ta bus\n")
+        return [f"train={tsv}"], r"train.tsv:2: image name '' is empty"
+    if case == "tsv-not-utf8":
+        tsv.write_bytes(b"5.jpg#0\tA red bus.\n6.jpg\ta caf\xe9\n")
+        return [f"train={tsv}"], r"train.tsv:2: not UTF-8 \(invalid continuation byte at byte 11\)"
+    if case == "jsonl-utf16":
+        jsonl.write_text(first, encoding="utf-16")
+        return [f"train={jsonl}"], r"train.jsonl:1: not UTF-8 \(it looks like UTF-16\)"
+    assert case == "empty-val-file"
+    tsv.write_text("5.jpg#0\tA red bus.\n")
+    (tmp_path / "val.tsv").write_text("image_id\tcaption\n\n")
+    match = r"val.tsv: no image-caption pairs; expected 'image<TAB>caption' lines"
+    return [f"train={tsv}", f"val={tmp_path / 'val.tsv'}"], match
+
+
+PAIRS_CASES = [
+    "jsonl-image-not-a-name",
+    "jsonl-caption-not-string",
+    "jsonl-caption-null",
+    "jsonl-not-an-object",
+    "tsv-empty-image-name",
+    "tsv-not-utf8",
+    "jsonl-utf16",
+    "empty-val-file",
+]
+
+
+@pytest.mark.parametrize("case", PAIRS_CASES)
+def test_broken_pairs_files_are_one_line_errors(tmp_path, capsys, case):
+    write_npz(tmp_path / "feats", ["5", "6"])
+    pairs, match = _bad_pairs(tmp_path, case)
+    argv = ["pairs", "--features", str(tmp_path / "feats"), "--output", str(tmp_path / "out")]
+    err = cli_error([*argv, "--pairs", *pairs], capsys)
+    assert re.search(match, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    pairs = tmp_path / "train.tsv"
+    pairs.write_bytes(b"\xef\xbb\xbfimage_id\tcaption\n5.jpg#0\tA bus.\n")
+    assert read_pairs(pairs) == [(2, "5.jpg#0", "A bus.")]  # the header is still a header
+    vcr = tmp_path / "train.jsonl"
+    vcr.write_bytes(b"\xef\xbb\xbf" + _vcr_item().encode() + b"\n")
+    assert read_vcr([vcr])[1]["vcr_train"][0]["annot_id"] == "a-img1"
+
+
+def test_vcr_items_with_null_or_no_labels_are_unlabelled(tmp_path):
+    path = tmp_path / "test.jsonl"
+    unlabelled = json.loads(_vcr_item(answer_label=None))
+    del unlabelled["rationale_label"]
+    path.write_text(json.dumps(unlabelled) + "\n")
+    row = read_vcr([path])[1]["vcr_test"][0]
+    assert (row["answer_label"], row["rationale_label"]) == (-1, -1)
+
+
+def test_cli_process_exits_2_with_one_line_for_a_broken_vcr_line(tmp_path):
+    write_npz(tmp_path / "feats" / "movie", ["img1"])
+    annotations, _ = _bad_vcr(tmp_path, "answer_choices-not-list")
+    command = [sys.executable, "-m", "xmodaler_accel.data.convert", "vcr", "--quiet"]
+    command += ["--features", str(tmp_path / "feats"), "--output", str(tmp_path / "out")]
+    done = subprocess.run(
+        [*command, "--annotations", *annotations], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert f"{annotations[0]}:2: answer_choices is 5, expected a list of 4 choices" in lines[0]

@@ -32,6 +32,7 @@ from safetensors.torch import load_model, save_model
 
 from .config import Config
 from .errors import UserError
+from .port.weights import from_xmodaler, looks_like_xmodaler
 
 logger = logging.getLogger(__name__)
 
@@ -477,6 +478,8 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
         state = _load_torch(path)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
+        if looks_like_xmodaler(state):  # X-modaler's names, renamed by port.weights' one table
+            state = from_xmodaler(state, model)
         missing, unexpected = model.load_state_dict(state, strict=False)
     problems = []
     if missing:

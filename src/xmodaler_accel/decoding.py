@@ -5,7 +5,8 @@ between its greedy baseline and its samples) and beams or samples reuse it throu
 Decoding drives the model's incremental `decode_step` (a key/value cache for the Transformer);
 `use_cache=False` re-runs the teacher-forced decoder over the whole prefix each step instead,
 the reference the cached path is tested against. Sequences hold the generated tokens (no BOS),
-end with EOS unless they hit `max_len`, and are PAD after EOS; PAD and BOS are never generated.
+end with EOS unless they hit `max_len`, and are PAD after EOS; PAD and BOS are never generated
+(unless one is EOS: X-modaler's vocabulary has BOS = EOS = PAD = 0).
 Output length T is the number of steps taken: `max_len`, or fewer when every row has ended.
 """
 
@@ -65,9 +66,11 @@ def _stepper(model: CaptionModel, use_cache: bool) -> CaptionModel | PrefixRecom
 
 
 def _banned(model: CaptionModel, device: torch.device) -> Tensor:
-    """Additive mask [V]: -inf for PAD and BOS, which a caption never contains."""
+    """Additive mask [V]: -inf for PAD and BOS, which a caption never contains, unless one of
+    them is EOS (X-modaler's vocabulary: BOS = EOS = 0, so nothing is banned, as there)."""
     banned = torch.zeros(model.vocab_size, device=device)
-    banned[[model.pad_id, model.bos_id]] = float("-inf")
+    never = {model.pad_id, model.bos_id} - {model.eos_id}
+    banned[sorted(never)] = float("-inf")
     return banned
 
 

@@ -1,10 +1,12 @@
-"""Command line: `python -m xmodaler_accel.data.convert {karpathy,vcr,pairs,synthetic} ...`.
+"""Command line: `python -m xmodaler_accel.data.convert {karpathy,xmodaler,vcr,pairs,synthetic} ...`.
 
 Examples:
     python -m xmodaler_accel.data.convert karpathy --annotations dataset_coco.json \\
         --features mscoco/features/up_down --output data/coco --min-count 5 --float16
     python -m xmodaler_accel.data.convert karpathy --annotations dataset_flickr30k.json \\
         --features trainval/flickr30k_resnet101_faster_rcnn_genome.tsv.* --output data/f30k
+    python -m xmodaler_accel.data.convert xmodaler --annotations mscoco_dataset \\
+        --features mscoco_dataset/features/up_down --output data/coco_xmodaler
     python -m xmodaler_accel.data.convert vcr --annotations vcr1annots/train.jsonl \\
         vcr1annots/val.jsonl --features vcr_features.h5 --vocab bert-base-uncased/vocab.txt \\
         --output data/vcr
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import xmodaler
 from .converters import convert_karpathy
 from .errors import DataError
 from .pairs import convert_pairs
@@ -75,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     karpathy.add_argument("--wordpiece-size", type=int, default=None, help="also train WordPiece")
     _common(karpathy)
+    xmodaler.add_parser(commands, _common)
 
     vcr = commands.add_parser("vcr", help="VCR train/val/test.jsonl + region features")
     vcr.add_argument("--annotations", required=True, nargs="+", type=Path)
@@ -142,6 +146,8 @@ def run(args: argparse.Namespace) -> Path:
             num_test=args.num_test,
             dtype="float16" if args.float16 else "float32",
         )
+    if args.command == "xmodaler":
+        return xmodaler.run(args, _options(args))
     features = args.features[0] if len(args.features) == 1 else args.features
     if args.command == "pairs":
         _check_annotations(list(_split_paths(args.pairs).values()), "--pairs")

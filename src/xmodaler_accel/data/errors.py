@@ -26,4 +26,5 @@ class UnknownSplitError(DataError):
 
 
 class MalformedLineError(DataError):
-    """A line of a JSONL/TSV annotation file cannot be parsed or lacks a required field."""
+    """A line of a JSONL/TSV annotation file is not UTF-8, cannot be parsed, lacks a required
+    field or has a field of the wrong type."""

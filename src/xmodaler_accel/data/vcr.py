@@ -15,16 +15,28 @@ from pathlib import Path
 from typing import Any
 
 from .converters import SPLITS, ImageEntry, bert_tokenizer, convert_images
-from .errors import MalformedLineError, UnknownSplitError
+from .errors import DataError, MalformedLineError, UnknownSplitError
+from .pairs import annotation_lines
 
 REQUIRED_KEYS = ("question", "answer_choices", "rationale_choices", "objects", "img_fn")
 NUM_CHOICES = 4
 
 
 def expand_tags(
-    tokens: Sequence[str | Sequence[int]], objects: Sequence[str], where: str
+    tokens: Sequence[str | Sequence[int]],
+    objects: Sequence[str],
+    where: str,
+    field: str = "tokens",
 ) -> tuple[list[str], list[int]]:
-    """VCR tokens to (words, tags); a tag list `[1, 2]` becomes 'name1 and name2'."""
+    """VCR tokens to (words, tags); a tag list `[1, 2]` becomes 'name1 and name2'.
+
+    `where` (file:line) and `field` (e.g. `answer_choices[2]`) name the tokens in errors.
+    """
+    if not isinstance(tokens, (list, tuple)):
+        raise MalformedLineError(
+            f"{where}: {field} is {tokens!r:.40}, expected a list of words and tag lists "
+            'such as ["Why", "is", [0], "?"]'
+        )
     words: list[str] = []
     tags: list[int] = []
     for token in tokens:
@@ -33,11 +45,17 @@ def expand_tags(
             tags.append(-1)
             continue
         if not isinstance(token, (list, tuple)) or not token:
-            raise MalformedLineError(f"{where}: token {token!r} is neither a word nor a tag list")
+            raise MalformedLineError(
+                f"{where}: token {token!r:.40} is neither a word nor a tag list (in {field})"
+            )
         for k, index in enumerate(token):
-            if not isinstance(index, int) or not 0 <= index < len(objects):
+            if isinstance(index, bool) or not isinstance(index, int):
                 raise MalformedLineError(
-                    f"{where}: tag {index!r} does not index the {len(objects)} objects"
+                    f"{where}: tag {index!r:.40} is not an object index (in {field})"
+                )
+            if not 0 <= index < len(objects):
+                raise MalformedLineError(
+                    f"{where}: tag {index!r} does not index the {len(objects)} objects (in {field})"
                 )
             if k:
                 words.append("and")
@@ -55,13 +73,20 @@ def parse_vcr_line(line: str, path: str, line_no: int) -> dict[str, Any] | None:
     try:
         item = json.loads(line)
     except json.JSONDecodeError as err:
-        raise MalformedLineError(f"{where}: malformed JSON line ({err.msg})") from None
+        raise MalformedLineError(
+            f"{where}: malformed JSON line ({err.msg}); expected one JSON object per line"
+        ) from None
     if not isinstance(item, dict):
         raise MalformedLineError(f"{where}: expected a JSON object, got {type(item).__name__}")
     missing = [key for key in REQUIRED_KEYS if key not in item]
     if missing:
         raise MalformedLineError(f"{where}: missing keys {missing}")
     for key in ("answer_choices", "rationale_choices"):
+        if not isinstance(item[key], list):
+            raise MalformedLineError(
+                f"{where}: {key} is {item[key]!r:.40}, expected a list of {NUM_CHOICES} choices, "
+                "each a list of words and tag lists"
+            )
         if len(item[key]) != NUM_CHOICES:
             raise MalformedLineError(
                 f"{where}: {key} has {len(item[key])} entries, expected {NUM_CHOICES}"
@@ -69,12 +94,36 @@ def parse_vcr_line(line: str, path: str, line_no: int) -> dict[str, Any] | None:
     return item
 
 
+def _label(item: Mapping[str, Any], key: str, where: str) -> int:
+    """A choice index 0-3; -1 when the item has no label (VCR's test split)."""
+    value = item.get(key)
+    if value is None:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value < NUM_CHOICES:
+        raise MalformedLineError(
+            f"{where}: {key} is {value!r:.40}, expected the index of the right choice "
+            f"(0 to {NUM_CHOICES - 1}), or no {key} for an unlabelled item"
+        )
+    return value
+
+
 def vcr_row(item: dict[str, Any], where: str) -> dict[str, Any]:
     """Question-table columns (without the image columns) from a parsed VCR item."""
-    objects = [str(name) for name in item["objects"]]
-    question, question_tags = expand_tags(item["question"], objects, where)
-    answers = [expand_tags(choice, objects, where) for choice in item["answer_choices"]]
-    rationales = [expand_tags(choice, objects, where) for choice in item["rationale_choices"]]
+    objects = item["objects"]
+    if not isinstance(objects, list) or not all(isinstance(name, str) for name in objects):
+        raise MalformedLineError(
+            f"{where}: objects is {objects!r:.60}, expected a list of class names "
+            'such as ["person", "dog"]'
+        )
+    question, question_tags = expand_tags(item["question"], objects, where, "question")
+    answers = [
+        expand_tags(choice, objects, where, f"answer_choices[{k}]")
+        for k, choice in enumerate(item["answer_choices"])
+    ]
+    rationales = [
+        expand_tags(choice, objects, where, f"rationale_choices[{k}]")
+        for k, choice in enumerate(item["rationale_choices"])
+    ]
     return {
         "annot_id": str(item.get("annot_id", where)),
         "question": question,
@@ -83,19 +132,33 @@ def vcr_row(item: dict[str, Any], where: str) -> dict[str, Any]:
         "answer_tags": [tags for _, tags in answers],
         "rationale_choices": [words for words, _ in rationales],
         "rationale_tags": [tags for _, tags in rationales],
-        "answer_label": int(item.get("answer_label", -1)),
-        "rationale_label": int(item.get("rationale_label", -1)),
-        "objects": objects,
+        "answer_label": _label(item, "answer_label", where),
+        "rationale_label": _label(item, "rationale_label", where),
+        "objects": list(objects),
     }
 
 
 VCR_IMAGE_KEYS = ("img_fn", "basename", "img_id")
 
 
-def _vcr_key(item: Mapping[str, Any], image_key: str) -> str:
+def _vcr_key(item: Mapping[str, Any], image_key: str, where: str) -> str:
+    """The feature key of an item's image, as `--image-key` says."""
     if image_key == "img_id":
-        return str(item.get("img_id"))
-    stem = re.sub(r"\.[^./]+$", "", str(item["img_fn"]))
+        value = item.get("img_id")
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value):
+            got = f"is {value!r:.40}" if "img_id" in item else "is missing"
+            raise MalformedLineError(
+                f"{where}: img_id {got}, expected a string or integer naming the image's "
+                "features (or use --image-key img_fn)"
+            )
+        return str(value)
+    value = item["img_fn"]
+    if not isinstance(value, str) or not value.strip():
+        raise MalformedLineError(
+            f"{where}: img_fn is {value!r:.40}, expected the image's file name such as "
+            "'movie/img.jpg'"
+        )
+    stem = re.sub(r"\.[^./]+$", "", value)
     return stem.rsplit("/", 1)[-1] if image_key == "basename" else stem
 
 
@@ -107,6 +170,7 @@ def read_vcr(
         raise ValueError(f"image_key must be one of {VCR_IMAGE_KEYS}, got {image_key!r}")
     images: dict[str, list[ImageEntry]] = {}
     questions: dict[str, list[dict[str, Any]]] = {}
+    files: dict[str, Path] = {}
     next_id = 0
     for path in map(Path, paths):
         split = path.name.split(".")[0]
@@ -115,22 +179,30 @@ def read_vcr(
                 f"{path}: cannot tell the split from the file name; expected train.jsonl, "
                 "val.jsonl or test.jsonl"
             )
+        if split in files:
+            raise DataError(
+                f"{path}: a second {split} file (the first is {files[split]}); give one file "
+                "per split"
+            )
+        files[split] = path
         rows: dict[str, ImageEntry] = {}
         positions: dict[str, int] = {}
         questions[f"vcr_{split}"] = []
-        with open(path, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                item = parse_vcr_line(line, str(path), line_no)
-                if item is None:
-                    continue
-                key = _vcr_key(item, image_key)
-                if key not in rows:
-                    positions[key] = len(rows)
-                    rows[key] = ImageEntry(next_id, key)
-                    next_id += 1
-                row = vcr_row(item, f"{path}:{line_no}")
-                row.update(image_row=positions[key], image_id=rows[key].image_id, image_key=key)
-                questions[f"vcr_{split}"].append(row)
+        for line_no, line in annotation_lines(path):
+            item = parse_vcr_line(line, str(path), line_no)
+            if item is None:
+                continue
+            where = f"{path}:{line_no}"
+            key = _vcr_key(item, image_key, where)
+            if key not in rows:
+                positions[key] = len(rows)
+                rows[key] = ImageEntry(next_id, key)
+                next_id += 1
+            row = vcr_row(item, where)
+            row.update(image_row=positions[key], image_id=rows[key].image_id, image_key=key)
+            questions[f"vcr_{split}"].append(row)
+        if not rows:
+            raise DataError(f"{path}: no questions; expected one VCR JSON object per line")
         images[split] = list(rows.values())
     return images, questions
 

@@ -1,20 +1,26 @@
-"""Adapters for detectron2/X-modaler style hook classes and plain callbacks.
+"""X-modaler's (detectron2's) hook interface over an Engine: `HookBase`, `self.trainer`,
+`register_hooks`.
 
 Our hooks are plain callables subscribed to events. `HookBase` exists so that a hook class written
 for X-modaler or detectron2 (`before_train/after_train/before_step/after_step`, `self.trainer`)
-plugs into an Engine unchanged: `register_hooks(engine, [MyHook()])`.
+plugs into an Engine unchanged, and `register_hooks(engine, hooks)` takes a hook list written as
+X-modaler's `DefaultTrainer.build_hooks` writes it: our hook classes accept X-modaler's
+constructor arguments, and `None` entries are skipped.
 """
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..events import Event, is_stateful
+from .storage import EventStorage
 
 
 class HookBase:
-    """The seed's hook interface. `self.trainer` is set when the hook is registered."""
+    """X-modaler's hook interface. `self.trainer` (a `TrainerView`) is set when registered."""
 
     trainer: Any = None
 
@@ -26,66 +32,104 @@ class HookBase:
 
     def after_step(self) -> None: ...
 
-
-class _Storage:
-    """The part of detectron2's EventStorage that hooks use: scalars land in `engine.scalars`."""
-
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-
-    @property
-    def iter(self) -> int:
-        return self._engine.step
-
-    def put_scalar(self, name: str, value: float, smoothing_hint: bool = True) -> None:
-        self._engine.scalars[name] = float(value)
-
-    def put_scalars(self, *, smoothing_hint: bool = True, **kwargs: float) -> None:
-        for name, value in kwargs.items():
-            self.put_scalar(name, value)
+    def state_dict(self) -> dict:
+        """Stateless by default; a hook that also defines `load_state_dict` is checkpointed."""
+        return {}
 
 
 class TrainerView:
-    """What a seed hook sees as `self.trainer`: detectron2's names over an Engine.
+    """What an X-modaler hook sees as `self.trainer`: X-modaler's names over an Engine.
 
-    `iter` is 0-based as in detectron2: the index of the step being run, in `before_step` and in
-    `after_step` alike. Everything else falls through to the Engine (`model`, `optimizer`, ...).
+    `iter` is X-modaler's: the 0-based index of the step being run, the same in `before_step`
+    and in `after_step` (where `engine.step`, the count of steps done, is already one more); in
+    `before_train` it is `start_iter` (the step the run starts from, after a resume too); in
+    `after_train` the last step run (the one that raised, when training fails). `cfg` is the
+    Engine's config, `iters_per_epoch` its optimizer steps per epoch, `storage` an EventStorage;
+    everything else falls through to the Engine (`model`, `optimizer`, `scheduler`, ...), and
+    attributes a hook sets (`self.trainer.ss_prob = p`) are set on the Engine. One per Engine:
+    `trainer_view(engine)`.
     """
+
+    _OWN = ("_engine", "_index", "start_iter", "storage")
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
-        self.storage = _Storage(engine)
+        self._index: int | None = None  # the step being run, from its STEP_START on
         self.start_iter = engine.step
-        self.in_step = False
+        self.storage = EventStorage(self)
+        engine.on(Event.TRAIN_START, self._start_training, name="TrainerView")
+        engine.on(Event.STEP_START, self._start_step, name="TrainerView")
+
+    def _start_training(self, engine: Any) -> None:
+        self._index, self.start_iter = None, engine.step
+        self.storage.activate()
+
+    def _start_step(self, engine: Any) -> None:
+        self._index = engine.step
 
     @property
     def iter(self) -> int:
-        return self._engine.step if self.in_step else max(self._engine.step - 1, 0)
+        return self._engine.step if self._index is None else self._index
 
     @property
     def max_iter(self) -> int:
         return self._engine.max_steps
 
+    @property
+    def cfg(self) -> Any:
+        return self._engine.config
+
+    @property
+    def iters_per_epoch(self) -> int:
+        """Optimizer steps per epoch (batches per process over gradient accumulation)."""
+        accum = self._engine.accelerator.gradient_accumulation_steps
+        return math.ceil(len(self._engine.train_loader) / accum)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._engine, name, value)
+
+
+_views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def trainer_view(engine: Any) -> TrainerView:
+    """The Engine's one TrainerView (X-modaler's `trainer`), made on first use."""
+    view = _views.get(engine)
+    if view is None:
+        view = _views[engine] = TrainerView(engine)
+    return view
+
 
 class _HookAdapter:
-    """Calls one HookBase's methods on events."""
+    """Calls one HookBase's methods on events; `after_train` also when training raises."""
 
-    def __init__(self, hook: HookBase, view: TrainerView) -> None:
-        self.hook, self.view = hook, view
+    def __init__(self, hook: HookBase) -> None:
+        self.hook = hook
+        self._trained = False  # after_train already called in this run
 
     def __repr__(self) -> str:
         return f"{type(self.hook).__name__} at {id(self.hook):#x} (register_hooks)"
 
+    def before_train(self, engine: Any) -> None:
+        self._trained = False
+        self.hook.before_train()
+
     def before_step(self, engine: Any) -> None:
-        self.view.in_step = True
         self.hook.before_step()
 
     def after_step(self, engine: Any) -> None:
-        self.view.in_step = False
         self.hook.after_step()
+
+    def after_train(self, engine: Any) -> None:
+        if not self._trained:  # once, as X-modaler's `finally:` (not again if it raised)
+            self._trained = True
+            self.hook.after_train()
 
 
 class _StatefulHookAdapter(_HookAdapter):
@@ -100,26 +144,39 @@ class _StatefulHookAdapter(_HookAdapter):
 
 
 def register_hooks(
-    engine: Any, hooks: Iterable[HookBase], names: Iterable[str] | None = None
+    engine: Any, hooks: Iterable[Any | None], names: Iterable[str | None] | None = None
 ) -> None:
-    """Attach seed-style hooks in order, as detectron2's `TrainerBase.register_hooks` does.
+    """Attach hooks in order, as X-modaler's `TrainerBase.register_hooks` does; `None` entries
+    are skipped (X-modaler's lists hold them). Our hook classes (with `attach`) attach themselves;
+    other hooks are X-modaler `HookBase`s, called at TRAIN_START, STEP_START, STEP_END and at
+    TRAIN_END or, when training raises, at EXCEPTION.
 
-    `names` (one per hook; default: the class names) key the states of hooks that have
+    `names` (one per entry; default: each hook's own) key the states of hooks that have
     `state_dict`/`load_state_dict` in checkpoints, so two such hooks of one class need names.
     """
     hooks = list(hooks)
-    names = [type(h).__name__ for h in hooks] if names is None else list(names)
+    names = [None] * len(hooks) if names is None else list(names)
     if len(names) != len(hooks):
         raise ValueError(f"register_hooks: {len(hooks)} hooks but {len(names)} names")
-    view = TrainerView(engine)
+    view = trainer_view(engine)
     for hook, name in zip(hooks, names):
+        if hook is None:
+            continue
+        if hasattr(hook, "attach"):
+            if name:
+                hook.attach(engine, name=name)
+            else:
+                hook.attach(engine)
+            continue
+        name = name or type(hook).__name__
         hook.trainer = view
-        adapter = (_StatefulHookAdapter if is_stateful(hook) else _HookAdapter)(hook, view)
+        adapter = (_StatefulHookAdapter if is_stateful(hook) else _HookAdapter)(hook)
         # The adapter first: a name clash then leaves nothing of this hook subscribed.
         engine.on(Event.STEP_START, adapter.before_step, name=name)
         engine.on(Event.STEP_END, adapter.after_step, name=name)
-        engine.on(Event.TRAIN_START, lambda e, h=hook: h.before_train(), name=f"{name}.start")
-        engine.on(Event.TRAIN_END, lambda e, h=hook: h.after_train(), name=f"{name}.end")
+        engine.on(Event.TRAIN_START, adapter.before_train, name=name)
+        engine.on(Event.TRAIN_END, adapter.after_train, name=name)
+        engine.on(Event.EXCEPTION, adapter.after_train, name=name)
 
 
 class CallbackHook(HookBase):

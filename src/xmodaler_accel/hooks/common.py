@@ -1,12 +1,14 @@
-"""The seed's everyday hooks as small classes with `attach(engine)`.
+"""The everyday hooks as small classes with `attach(engine)`, taking our arguments or X-modaler's.
 
 Each reads the Engine's counters and host-side values only; none moves a tensor to the host except
-the writer (through `engine.collect_metrics`, the engine's one sync point for metrics).
+the writer (through `engine.collect_metrics`, the engine's one sync point for metrics). Scalars go
+through `trainer_view(engine).storage` (X-modaler's `trainer.storage`) into `engine.scalars`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ from typing import Any
 import torch
 
 from ..events import Event
+from .base import trainer_view
+from .compat import bind_either, first_argument
 
 logger = logging.getLogger(__name__)
 
@@ -22,16 +26,17 @@ class IterationTimer:
     """Step and data-loading time per step; the first `warmup` steps are left out of the average.
 
     `time` is the Engine's `step_time` (the step's own work), so it does not depend on which
-    other hooks run at STEP_START or STEP_END, or in what order.
+    other hooks run at STEP_START or STEP_END, or in what order. X-modaler: `warmup_iter=`.
     """
 
-    def __init__(self, warmup: int = 5) -> None:
-        self.warmup = warmup
+    def __init__(self, warmup: int = 5, *, warmup_iter: int | None = None) -> None:
+        self.warmup = warmup if warmup_iter is None else warmup_iter
         self._first_step: int | None = None
         self.total_time = 0.0
         self.timed_steps = 0
 
     def attach(self, engine: Any, name: str = "IterationTimer") -> IterationTimer:
+        trainer_view(engine)  # made now, it follows the run from TRAIN_START
         engine.on(Event.STEP_END, self.after_step, name=name)
         engine.on(Event.TRAIN_END, self.summary, name=name)
         return self
@@ -39,8 +44,8 @@ class IterationTimer:
     def after_step(self, engine: Any) -> None:
         if self._first_step is None:  # warmup starts at the first step timed (after a resume too)
             self._first_step = engine.step - 1
-        engine.scalars["time"] = engine.step_time
-        engine.scalars["data_time"] = engine.data_time
+        storage = trainer_view(engine).storage
+        storage.put_scalars(time=engine.step_time, data_time=engine.data_time)
         if engine.step - self._first_step > self.warmup:
             self.total_time += engine.step_time
             self.timed_steps += 1
@@ -64,77 +69,222 @@ class PeriodicWriter:
     """Every `period` steps (and at the end): reduce metrics and send them to the trackers.
 
     It writes at `Event.LOG`, after every STEP_END hook, so it logs the step's scalars (lr,
-    timings ...) wherever it is attached.
+    timings ...) wherever it is attached. X-modaler's `PeriodicWriter(writers, period)`: the
+    writers with a `write()` (X-modaler EventWriters, reading `trainer.storage` or
+    `get_event_storage()`, where the reduced metrics are put) are called at the same points and
+    closed at the end, also when training raises; the others (our `default_writers`, Accelerate
+    trackers) are the Accelerator's already.
     """
 
-    def __init__(self, period: int = 20) -> None:
+    def __init__(self, writers: Iterable[Any] | int | None = None, period: int = 20) -> None:
+        if isinstance(writers, int):  # ours: PeriodicWriter(period)
+            writers, period = None, writers
         self.period = period
+        self.writers = [w for w in writers or () if callable(getattr(w, "write", None))]
         self.last_written = -1
 
     def attach(self, engine: Any, name: str = "PeriodicWriter") -> PeriodicWriter:
+        trainer_view(engine)  # made now, it follows the run from TRAIN_START
         engine.on(Event.LOG, self.write, every=self.period, name=name)
         engine.on(Event.TRAIN_END, self.write, name=name)
+        engine.on(Event.TRAIN_END, self.close, name=name)
+        engine.on(Event.EXCEPTION, self.close, name=name)
         return self
 
     def write(self, engine: Any) -> None:
         if engine.step == self.last_written:
             return
-        values = {**engine.collect_metrics(), **engine.scalars}
-        engine.accelerator.log(values, step=engine.step)
+        metrics, storage = engine.collect_metrics(), trainer_view(engine).storage
+        for key, value in metrics.items():
+            storage.record(key, value)
+        engine.accelerator.log({**metrics, **engine.scalars}, step=engine.step)
+        for writer in self.writers:
+            writer.write()
         self.last_written = engine.step
+
+    def close(self, engine: Any) -> None:
+        for writer in self.writers:
+            if engine.exception is not None:  # X-modaler writes what the storage holds first
+                writer.write()
+            if callable(getattr(writer, "close", None)):
+                writer.close()
+
+
+def _ours_checkpointer(period: int, max_to_keep: int | None = None, prefix: str | None = None):
+    """PeriodicCheckpointer(period, max_to_keep=None, prefix=None): the Engine's checkpoints."""
+
+
+def _xmodaler_checkpointer(
+    checkpointer: Any,
+    period: int,
+    max_iter: int | None = None,
+    max_to_keep: int | None = None,
+    file_prefix: str = "model",
+):
+    """X-modaler's: `checkpointer.save(name, **extra)` every `period` iterations and at the end."""
 
 
 class PeriodicCheckpointer:
-    """Save every `period` steps and at the end, keeping the newest `max_to_keep`."""
+    """Save every `period` steps and at the end, keeping the newest `max_to_keep`.
 
-    def __init__(self, period: int, max_to_keep: int | None = None, prefix: str | None = None):
-        self.period, self.max_to_keep, self.prefix = period, max_to_keep, prefix
+    `PeriodicCheckpointer(period, max_to_keep=None, prefix=None)` writes the Engine's checkpoints
+    (`checkpoints/<prefix>_<step>`, what `--resume` reads). X-modaler's
+    `PeriodicCheckpointer(checkpointer, period, max_iter=None, max_to_keep=None,
+    file_prefix="model")` calls `checkpointer.save("<file_prefix>_Epoch_<e>_Iter_<i>",
+    iteration=i)` after iterations i with (i + 1) % period == 0 and `"<file_prefix>_final"` after
+    the last one (`max_iter`: the Engine's `max_steps` once training starts), removing all but the
+    newest `max_to_keep` (`checkpointer.get_checkpoint_file()`); `step(iteration)` and
+    `save(name, **extra)` as X-modaler's.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        first = first_argument(args, kwargs, "checkpointer")
+        use_xmodaler = "checkpointer" in kwargs or (bool(args) and not isinstance(first, int))
+        bound = bind_either(
+            "PeriodicCheckpointer",
+            args,
+            kwargs,
+            _ours_checkpointer,
+            _xmodaler_checkpointer,
+            use_xmodaler,
+        )
+        self.checkpointer = bound.get("checkpointer")
+        self.period, self.max_to_keep = bound["period"], bound["max_to_keep"]
+        self.prefix = bound.get("prefix")
+        self.file_prefix = bound.get("file_prefix", "model")
+        self.max_iter: int | None = bound.get("max_iter")
+        self.recent_checkpoints: list[str] = []
+        self._engine: Any = None
 
     def attach(self, engine: Any, name: str = "PeriodicCheckpointer") -> PeriodicCheckpointer:
-        engine.on(Event.STEP_END, self.save, every=self.period, name=name)
-        engine.on(Event.TRAIN_END, self.save_final, name=name)
+        self._engine, self.trainer = engine, trainer_view(engine)
+        if self.checkpointer is None:
+            engine.on(Event.STEP_END, self._save_engine, every=self.period, name=name)
+            engine.on(Event.TRAIN_END, self.save_final, name=name)
+        else:
+            engine.on(Event.TRAIN_START, self.before_train, name=name)
+            engine.on(Event.STEP_END, self.after_step, name=name)
         return self
 
-    def save(self, engine: Any) -> None:
+    # ours
+    def _save_engine(self, engine: Any) -> None:
         engine.save_checkpoint(prefix=self.prefix, keep=self.max_to_keep)
 
     def save_final(self, engine: Any) -> None:
         if self.period <= 0 or engine.step % self.period:
-            self.save(engine)
+            self._save_engine(engine)
+
+    # X-modaler's
+    def before_train(self, engine: Any) -> None:
+        self.max_iter = engine.max_steps
+
+    def after_step(self, engine: Any) -> None:
+        iteration = self.trainer.iter
+        self.step(iteration, epoch=(iteration + 1) // self.trainer.iters_per_epoch)
+
+    def step(self, iteration: int, epoch: int | None = None, **kwargs: Any) -> None:
+        """After iteration `iteration` (0-based): save when (iteration + 1) % period == 0 and,
+        with an X-modaler checkpointer, `<file_prefix>_final` after the last iteration."""
+        iteration = int(iteration)
+        if self.checkpointer is None:
+            if self.period > 0 and (iteration + 1) % self.period == 0:
+                self._save_engine(self._engine)
+            return
+        extra = {"iteration": iteration, **kwargs}
+        if self.period > 0 and (iteration + 1) % self.period == 0:
+            if epoch is None:  # fvcore's PeriodicCheckpointer
+                name = f"{self.file_prefix}_{iteration:07d}"
+            else:  # X-modaler's PeriodicEpochCheckpointer
+                name = f"{self.file_prefix}_Epoch_{int(epoch):05d}_Iter_{iteration:07d}"
+            self.save(name, **extra)
+            self._keep_newest()
+        if self.max_iter is not None and iteration >= self.max_iter - 1:
+            self.save(f"{self.file_prefix}_final", **extra)
+
+    def save(self, name: str | None = None, **extra: Any) -> None:
+        """X-modaler's `checkpointer.save(name, **extra)`; without a checkpointer, the Engine's
+        checkpoint `<prefix>_<step>` (its name is not ours to choose)."""
+        if self.checkpointer is not None:
+            self.checkpointer.save(name, **extra)
+        elif name is not None:
+            raise ValueError(
+                "PeriodicCheckpointer.save(name) needs an X-modaler checkpointer; the Engine "
+                "names its checkpoints <prefix>_<step>: call save() without a name"
+            )
+        else:
+            self._save_engine(self._engine)
+
+    def _keep_newest(self) -> None:
+        if self.max_to_keep is None or not hasattr(self.checkpointer, "get_checkpoint_file"):
+            return
+        self.recent_checkpoints.append(self.checkpointer.get_checkpoint_file())
+        if len(self.recent_checkpoints) > self.max_to_keep:
+            oldest = self.recent_checkpoints.pop(0)
+            if os.path.exists(oldest) and not oldest.endswith(f"{self.file_prefix}_final.pth"):
+                os.remove(oldest)
 
 
 class LRScheduler:
-    """Log the learning rate of every param group (the Engine steps the scheduler itself)."""
+    """Log the learning rate of every param group (the Engine steps the scheduler).
+
+    X-modaler's `LRScheduler(optimizer=None, scheduler=None)`: a `scheduler` given here, for an
+    Engine built without one, becomes the Engine's (stepped once per optimizer step, saved in
+    checkpoints); `optimizer` is the one whose rates are logged (default the Engine's).
+    """
+
+    def __init__(self, optimizer: Any | None = None, scheduler: Any | None = None) -> None:
+        self.optimizer, self.scheduler = optimizer, scheduler
 
     def attach(self, engine: Any, name: str = "LRScheduler") -> LRScheduler:
+        if self.scheduler is not None and self.scheduler is not engine.scheduler:
+            if engine.scheduler is not None:
+                raise ValueError(
+                    "LRScheduler(scheduler=...) and Engine(scheduler=...) are two schedulers "
+                    "for one run: give it to one of them"
+                )
+            engine.scheduler = self.scheduler  # before any resume, which restores its state
+        trainer_view(engine)  # made now, it follows the run from TRAIN_START
         engine.on(Event.STEP_END, self, name=name)
         return self
 
     def __call__(self, engine: Any) -> None:
-        groups = engine.optimizer.param_groups
-        engine.scalars["lr"] = groups[0]["lr"]
+        groups = (self.optimizer or engine.optimizer).param_groups
+        storage = trainer_view(engine).storage
+        storage.put_scalar("lr", groups[0]["lr"], smoothing_hint=False)
         for i, group in enumerate(groups[1:], start=1):
-            engine.scalars[f"lr_group{i}"] = group["lr"]
+            storage.put_scalar(f"lr_group{i}", group["lr"], smoothing_hint=False)
 
 
 class AutogradProfiler:
-    """Profile the steps for which `predicate(engine)` holds; a Chrome trace per step."""
+    """Profile the steps for which `enable_predicate(trainer)` holds; a Chrome trace per step.
 
-    def __init__(self, predicate: Callable[[Any], bool], output_dir: str | Path) -> None:
-        self.predicate = predicate
+    The predicate gets X-modaler's trainer (`trainer.iter`: the 0-based step about to run), which
+    also answers the Engine's names (`trainer.step`). `use_cuda`: trace CUDA too, when present.
+    """
+
+    def __init__(
+        self,
+        enable_predicate: Callable[[Any], bool],
+        output_dir: str | Path,
+        *,
+        use_cuda: bool = True,
+    ) -> None:
+        self.predicate = enable_predicate
         self.output_dir = Path(output_dir)
+        self.use_cuda = use_cuda
         self._profiler: torch.profiler.profile | None = None
 
     def attach(self, engine: Any, name: str = "AutogradProfiler") -> AutogradProfiler:
+        self.trainer = trainer_view(engine)
         engine.on(Event.STEP_START, self.before_step, name=name)
         engine.on(Event.STEP_END, self.after_step, name=name)
         return self
 
     def before_step(self, engine: Any) -> None:
-        if not self.predicate(engine):
+        if not self.predicate(self.trainer):
             return
         activities = [torch.profiler.ProfilerActivity.CPU]
-        if torch.cuda.is_available():
+        if self.use_cuda and torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self._profiler = torch.profiler.profile(activities=activities, record_shapes=True)
         self._profiler.__enter__()
@@ -152,14 +302,23 @@ class AutogradProfiler:
 
 
 class ModelWeightsManipulating:
-    """Apply `fn(model)` before the given steps run (freeze, unfreeze, re-initialise ...)."""
+    """Apply `fn(model)` before the given steps run (freeze, unfreeze, re-initialise ...).
 
-    def __init__(self, fn: Callable[[torch.nn.Module], None], steps: Iterable[int]) -> None:
+    X-modaler's `ModelWeightsManipulating()` (no arguments): call the model's
+    `bind_or_init_weights()`, when it has one, as training starts (a resumed run too).
+    """
+
+    def __init__(
+        self, fn: Callable[[torch.nn.Module], None] | None = None, steps: Iterable[int] = ()
+    ) -> None:
         self.fn, self.steps = fn, sorted(set(steps))
 
     def attach(
         self, engine: Any, name: str = "ModelWeightsManipulating"
     ) -> ModelWeightsManipulating:
+        if self.fn is None:
+            engine.on(Event.TRAIN_START, self.bind_or_init_weights, name=name)
+            return self
         for step in self.steps:
             engine.on(Event.STEP_START, self, once=step, name=name)
         # A resumed run replays manipulations of steps already done (they change the model).
@@ -173,3 +332,8 @@ class ModelWeightsManipulating:
         for step in self.steps:
             if step <= engine.step:
                 self.fn(engine.unwrapped_model)
+
+    def bind_or_init_weights(self, engine: Any) -> None:
+        model = engine.unwrapped_model
+        if hasattr(model, "bind_or_init_weights"):
+            model.bind_or_init_weights()

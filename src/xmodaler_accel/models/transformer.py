@@ -104,11 +104,11 @@ class FeedForward(nn.Sequential):
 class EncoderLayer(nn.Module):
     """Post-LN encoder layer: self-attention over regions, then feed-forward."""
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, eps: float) -> None:
         super().__init__()
         self.attn = SelfAttention(dim, heads, dropout)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
@@ -119,12 +119,12 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Post-LN decoder layer: causal self-attention, cross-attention to regions, feed-forward."""
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, eps: float) -> None:
         super().__init__()
         self.self_attn = SelfAttention(dim, heads, dropout)
         self.cross_attn = CrossAttention(dim, heads, dropout)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, eps=eps) for _ in range(3))
         self.drop = nn.Dropout(dropout)
 
     def forward(
@@ -146,7 +146,12 @@ class TransformerCaptioner(CaptionModel):
     """Region Transformer captioner; defaults follow X-modaler's COCO transformer.yaml.
 
     d_model 512, 8 heads, 6 + 6 layers, FFN 2048, dropout 0.1 (0.5 on the visual embedding and
-    before the word predictor). `tie_embeddings` shares the word embedding with the predictor.
+    before the word predictor), LayerNorm eps 1e-12 in the layers (1e-5 in the embeddings), as
+    X-modaler's BERT layers. `tie_embeddings` shares the word embedding with the predictor.
+    `use_boxes` adds the 5-d box embedding (X-modaler's VISUAL_EMBED.LOCATION_SIZE 5, as in
+    TDEN); transformer.yaml has none (LOCATION_SIZE 0), so set it false to be that model. With
+    those settings an X-modaler `TransformerEncoderDecoder` checkpoint loads as is
+    (`port.weights`) and gives X-modaler's logits, greedy and beam decodes.
     """
 
     def __init__(
@@ -164,6 +169,7 @@ class TransformerCaptioner(CaptionModel):
         pred_dropout: float = 0.5,
         tie_embeddings: bool = False,
         use_boxes: bool = True,
+        layer_norm_eps: float = 1e-12,
         max_len: int = 20,
         bos_id: int = BOS_ID,
         eos_id: int = EOS_ID,
@@ -177,11 +183,13 @@ class TransformerCaptioner(CaptionModel):
             feat_dim, d_model, use_boxes=use_boxes, dropout=visual_dropout
         )
         self.encoder_layers = nn.ModuleList(
-            EncoderLayer(d_model, num_heads, ffn_dim, dropout) for _ in range(num_encoder_layers)
+            EncoderLayer(d_model, num_heads, ffn_dim, dropout, layer_norm_eps)
+            for _ in range(num_encoder_layers)
         )
         self.token_embed = TokenEmbedding(vocab_size, d_model, dropout=dropout)
         self.decoder_layers = nn.ModuleList(
-            DecoderLayer(d_model, num_heads, ffn_dim, dropout) for _ in range(num_decoder_layers)
+            DecoderLayer(d_model, num_heads, ffn_dim, dropout, layer_norm_eps)
+            for _ in range(num_decoder_layers)
         )
         self.pred_dropout = nn.Dropout(pred_dropout)
         self.predictor = nn.Linear(d_model, vocab_size)
