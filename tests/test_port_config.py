@@ -55,8 +55,6 @@ COCO_DIFFERENCES = {
     # MSCoCoDataset reads MAX_FEAT_NUM - 1 = 49 regions and prepends their mean (box [0,0,1,1,1]).
     "data.max_feat_num": "coco.yaml reads 50 regions; X-modaler 49 + their mean",
     "data.use_global_v": "coco.yaml has no mean region; X-modaler's MSCoCoDataset prepends it",
-    # transformer.yaml has no VISUAL_EMBED.LOCATION_SIZE (default 0): X-modaler ignores boxes.
-    "model.transformer.use_boxes": "coco.yaml leaves the model default (boxes used)",
     # coco.yaml also documents Up-Down's sizes (used with model.kind=updown only); they are not
     # X-modaler's updown.yaml (1024-d: DECODER_DIM, TOKEN_EMBED.DIM, VISUAL_EMBED.OUT_DIM).
     "model.updown.att_size": "coco.yaml's extra updown section",
