@@ -204,18 +204,19 @@ def _load_file_chain(
         base_path = (path.parent / base).resolve()
         if not base_path.is_file():
             raise ConfigError(f"{path}: {BASE_KEY} file not found: {base_path}")
-        _deep_update(settings, _load_file_chain(base_path, (*stack, path), defaults, sections))
+        deep_update(settings, _load_file_chain(base_path, (*stack, path), defaults, sections))
     schema = copy.deepcopy(dict(defaults))
     _merge(schema, settings, str(path), False, "", sections)
     _merge(schema, data, str(path), True, "", sections)
-    _deep_update(settings, data)
+    deep_update(settings, data)
     return settings
 
 
-def _deep_update(dst: dict, src: Mapping) -> None:
+def deep_update(dst: dict, src: Mapping) -> None:
+    """Merge nested `src` into `dst` in place: mappings key by key, anything else replaced."""
     for key, value in src.items():
         if isinstance(dst.get(key), dict) and isinstance(value, Mapping):
-            _deep_update(dst[key], value)
+            deep_update(dst[key], value)
         else:
             dst[key] = copy.deepcopy(value)
 
@@ -238,7 +239,7 @@ def _merge(
         if not prefix and key in sections:  # checked when applied (apply_section)
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: config key '{key}': expected a mapping of overrides")
-            _deep_update(dst.setdefault(key, {}), value)
+            deep_update(dst.setdefault(key, {}), value)
             continue
         dotted = f"{prefix}{key}"
         if key not in dst:
@@ -293,6 +294,17 @@ def _unknown_key_message(
         near = [prefix + n for n in difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)]
     hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
     return f"unknown config key '{dotted}'{hint} (valid keys here: {', '.join(sorted(valid))})"
+
+
+def flatten(node: Mapping, prefix: str = "") -> dict[str, Any]:
+    """`{"train.max_steps": 100, ...}`: every leaf of a nested mapping under its dotted key."""
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _dotted_keys(node: Mapping, prefix: str = "") -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import find_resume_checkpoint, read_checkpoint_config
-from .config import ConfigError
+from .config import ConfigError, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -136,14 +136,9 @@ def _may_change(key: str) -> bool:
     return any(c == k or c.startswith(f"{k}.") for c in candidates for k in RESUME_MAY_CHANGE)
 
 
-def _flat(node: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
+def _flat(node: Mapping) -> dict[str, Any]:
+    """Dotted leaves, tuples as lists (a config saved as YAML holds lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(node).items()}
 
 
 def _show(value: Any) -> str:

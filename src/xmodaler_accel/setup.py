@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
 from .checkpoint import read_trainer_state
-from .config import Config, ConfigError, save_config
+from .config import Config, ConfigError, flatten, save_config
 from .errors import UserError
 from .optim import auto_scale_workers
 from .run_dir import check_new_run_dir, clear_run_dir, resume_checkpoint
@@ -255,16 +255,10 @@ def init_trackers(accelerator: Accelerator, cfg: Config, wandb_run_id: str | Non
     accelerator.init_trackers(project, config=flatten_config(cfg), init_kwargs=init_kwargs)
 
 
-def flatten_config(cfg: Config, prefix: str = "") -> dict[str, Any]:
+def flatten_config(cfg: Config) -> dict[str, Any]:
     """`{"train.max_steps": 100, ...}` with lists as strings, as TensorBoard hparams require."""
-    flat: dict[str, Any] = {}
-    for key, value in cfg.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_config(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
+    plain = (bool, int, float, str)
+    return {k: v if isinstance(v, plain) else str(v) for k, v in flatten(cfg).items()}
 
 
 def setup_logging(log_file: Path, is_main: bool) -> None:

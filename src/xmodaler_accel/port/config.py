@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError
+from ..config import ConfigError, deep_update, flatten
 
 # Where X-modaler's epoch counts go. X-modaler counts SOLVER.EPOCH, EVAL_PERIOD and
 # CHECKPOINT_PERIOD in epochs of floor(images / TRAIN_BATCH_SIZE) steps (drop_last=True).
@@ -166,26 +166,8 @@ def read_xmodaler_yaml(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict[
     if not base_path.is_absolute():
         base_path = path.parent / base_path
     merged = read_xmodaler_yaml(base_path, (*_stack, path.resolve()))
-    _deep_update(merged, data)
+    deep_update(merged, data)
     return merged
-
-
-def _deep_update(dst: dict, src: dict) -> None:
-    for key, value in src.items():
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _deep_update(dst[key], value)
-        else:
-            dst[key] = copy.deepcopy(value)
-
-
-def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
@@ -469,12 +451,12 @@ def convert_config(
     """
     path = Path(path)
     top = read_xmodaler_yaml(path)
-    xe_path, rl_path, given = path, None, _flatten(top)
+    xe_path, rl_path, given = path, None, flatten(top)
     if rl is not None:
         rl_path = Path(rl)
     elif _is_rl(given) and (base := (yaml.safe_load(path.read_text()) or {}).get("_BASE_")):
         rl_path, xe_path = path, path.parent / str(base)
-        given = _flatten(read_xmodaler_yaml(xe_path))
+        given = flatten(read_xmodaler_yaml(xe_path))
 
     def steps(values: dict[str, Any]) -> int | None:
         if not train_images:
@@ -487,7 +469,7 @@ def convert_config(
     out = _translate(given, xe_path.stem, steps(given))
     out.files = [str(xe_path)]
     if rl_path is not None:
-        rl_given = _flatten(read_xmodaler_yaml(rl_path))
+        rl_given = flatten(read_xmodaler_yaml(rl_path))
         scst = _translate(rl_given, rl_path.stem, steps(rl_given))
         out.files.append(str(rl_path))
         out.config["rl"] = scst.config.pop("rl", {})
