@@ -108,7 +108,9 @@ def sinusoid_table(length: int, dim: int) -> Tensor:
 def _check_positions(pe: Tensor) -> None:
     table = pe.reshape(-1, pe.shape[-1]).float()
     ours = sinusoid_table(*table.shape)
-    if not torch.allclose(table, ours, atol=1e-4, rtol=0):
+    # float32 sin of positions up to 5000 differs by ~2.4e-4 between CPU kernels (SLEEF/AVX
+    # variants); another base differs by ~1. Captions use only the first rows.
+    if not torch.allclose(table, ours, atol=1e-3, rtol=0):
         raise XmodalerWeightsError(
             f"{XMODALER_POSITIONS}: this sinusoid table differs from ours (base 10000) by up to "
             f"{(table - ours).abs().max().item():.3g}; X-modaler derives the base from "
