@@ -27,7 +27,12 @@ from xmodaler_accel.hooks import (
 from xmodaler_accel.masking import masked_mean
 from xmodaler_accel.models import CaptionModel, EncoderOutput
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import default_argument_parser, default_setup, launch
+from xmodaler_accel.setup import (
+    default_argument_parser,
+    default_setup,
+    launch,
+    resolve_epochs,
+)
 from xmodaler_accel.tasks.captioning import (
     CaptionDataset,
     CaptionEvaluator,
@@ -102,6 +107,7 @@ def main(args) -> None:
         num_workers=cfg.train.num_workers,
         drop_last=cfg.train.drop_last,
     )
+    resolve_epochs(cfg, accelerator, train_loader)  # train.epochs, *.every_epochs -> steps
 
     # Model, optimizer, LR schedule (the Engine steps it once per optimizer step).
     feat_dim = feature_dim(data["train"])

@@ -34,7 +34,12 @@ from xmodaler_accel.hooks import (
 )
 from xmodaler_accel.models.pretrain import build_pretrain_model, export_finetune_weights
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import default_argument_parser, default_setup, launch
+from xmodaler_accel.setup import (
+    default_argument_parser,
+    default_setup,
+    launch,
+    resolve_epochs,
+)
 from xmodaler_accel.tasks.pretraining import (
     PretrainPairs,
     collate_pretrain,
@@ -88,6 +93,7 @@ def main(args) -> None:
         train_set, cfg.train.batch_size, seed=cfg.seed, collate_fn=collate,
         num_workers=cfg.train.num_workers, drop_last=cfg.train.drop_last,
     )  # fmt: skip
+    resolve_epochs(cfg, accelerator, train_loader)  # train.epochs, *.every_epochs -> steps
 
     # Model: understanding stream (model.single_stream) + generation stream (model.transformer).
     table = data["train"]

@@ -31,7 +31,12 @@ from xmodaler_accel.hooks import (
 )
 from xmodaler_accel.models.retrieval import build_retrieval_model, build_two_stream
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import default_argument_parser, default_setup, launch
+from xmodaler_accel.setup import (
+    default_argument_parser,
+    default_setup,
+    launch,
+    resolve_epochs,
+)
 from xmodaler_accel.tasks.retrieval import (
     EvalSettings,
     RetrievalSplit,
@@ -63,6 +68,7 @@ def main(args) -> None:
         num_workers=cfg.train.num_workers,
         drop_last=cfg.train.drop_last,
     )
+    resolve_epochs(cfg, accelerator, train_loader)  # train.epochs, *.every_epochs -> steps
     splits = [
         RetrievalSplit.from_table(
             name,

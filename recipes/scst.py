@@ -23,7 +23,12 @@ from xmodaler_accel.hooks import (
     PeriodicWriter,
 )
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import default_argument_parser, default_setup, launch
+from xmodaler_accel.setup import (
+    default_argument_parser,
+    default_setup,
+    launch,
+    resolve_epochs,
+)
 from xmodaler_accel.tasks.captioning import (
     CaptionEvaluator,
     SCSTTimeSplit,
@@ -49,6 +54,7 @@ def main(args) -> None:
         num_workers=cfg.train.num_workers,
         drop_last=cfg.train.drop_last,
     )
+    resolve_epochs(cfg, accelerator, train_loader)  # train.epochs, *.every_epochs -> steps
     scorer = build_reward_scorer(cfg, data["train"], tokenizer)
 
     # Model (from the XE weights), optimizer, LR schedule.

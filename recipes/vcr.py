@@ -25,7 +25,12 @@ from xmodaler_accel.hooks import (
 from xmodaler_accel.models.vcr import build_vcr_model
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
 from xmodaler_accel.second_loader import SecondLoader
-from xmodaler_accel.setup import default_argument_parser, default_setup, launch
+from xmodaler_accel.setup import (
+    default_argument_parser,
+    default_setup,
+    launch,
+    resolve_epochs,
+)
 from xmodaler_accel.tasks.vcr import (
     VCRSplit,
     VCRTaskDataset,
@@ -57,6 +62,7 @@ def main(args) -> None:
         qa_train, cfg.train.batch_size, seed=cfg.seed, collate_fn=collate,
         num_workers=cfg.train.num_workers, drop_last=cfg.train.drop_last,
     )  # fmt: skip
+    resolve_epochs(cfg, accelerator, qa_loader)  # train.epochs, *.every_epochs -> steps
     qar_loader = build_train_loader(
         qar_train, cfg.vcr.qar_batch_size or cfg.train.batch_size, seed=cfg.seed + 1,
         collate_fn=collate, num_workers=cfg.train.num_workers, drop_last=cfg.train.drop_last,

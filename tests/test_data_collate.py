@@ -47,7 +47,7 @@ def test_pad_regions_truncates_pads_and_prepends_the_global_mean():
     assert feats.shape == (2, 5, 2) and locs.shape == (2, 5, 5) and mask.dtype == torch.bool
     assert mask.tolist() == [[True] * 4 + [False], [True] * 5]
     assert feats[0, 0].tolist() == a.mean(0).tolist()
-    assert feats[1, 0].tolist() == b.mean(0).tolist()  # mean over all regions, before truncation
+    assert feats[1, 0].tolist() == b[:4].mean(0).tolist()  # over the kept regions, as X-modaler
     assert feats[0, 1:4].tolist() == a.tolist() and feats[0, 4].tolist() == [0, 0]
     assert feats[1, 1:].tolist() == b[:4].tolist()
     assert locs[0, 0].tolist() == [0, 0, 1, 1, 1] and locs[0, 4].tolist() == [0] * 5

@@ -17,7 +17,7 @@ from xmodaler_accel.port.config import (
     read_xmodaler_yaml,
     render,
 )
-from xmodaler_accel.tasks.captioning.config import CAPTION_DEFAULTS, load_caption_config
+from xmodaler_accel.tasks.captioning.config import load_caption_config
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTION = REPO / "tests/fixtures/xmodaler_configs/configs/image_caption"
@@ -43,25 +43,19 @@ UNMAPPED = {
     "base_att_image_caption.yaml": {"LR_SCHEDULER.STEP_SIZE = 3"},
 }
 
-# Where recipes/coco.yaml differs from converting transformer.yaml + transformer_rl.yaml with
-# 113,287 training images, and why. Any other difference fails the test.
+# Where recipes/coco.yaml differs from converting transformer.yaml + transformer_rl.yaml, and
+# why. Any other difference fails the test.
 COCO_DIFFERENCES = {
-    # X-modaler's train loader drops the last partial batch: 113,287 // 8 = 14,160 steps per
-    # epoch (// 16 = 7,080 for SCST); coco.yaml rounds up (14,161 and 7,081).
-    "train.max_steps": "epoch length rounded up in coco.yaml",
-    "eval.every": "epoch length rounded up in coco.yaml",
-    "checkpoint.every": "epoch length rounded up in coco.yaml (SCST: its scst section has none, "
-    "so it checkpoints every 2 SCST epochs; X-modaler every epoch)",
-    # MSCoCoDataset reads MAX_FEAT_NUM - 1 = 49 regions and prepends their mean (box [0,0,1,1,1]).
-    "data.max_feat_num": "coco.yaml reads 50 regions; X-modaler 49 + their mean",
-    "data.use_global_v": "coco.yaml has no mean region; X-modaler's MSCoCoDataset prepends it",
-    # coco.yaml also documents Up-Down's sizes (used with model.kind=updown only); they are not
-    # X-modaler's updown.yaml (1024-d: DECODER_DIM, TOKEN_EMBED.DIM, VISUAL_EMBED.OUT_DIM).
+    # coco.yaml also holds Up-Down's model (used with model.kind=updown only), as updown.yaml's
+    # (test_coco_updown_section_is_updown_yamls_model).
     "model.updown.att_size": "coco.yaml's extra updown section",
     "model.updown.dropout": "coco.yaml's extra updown section",
     "model.updown.embed_dim": "coco.yaml's extra updown section",
     "model.updown.hidden_size": "coco.yaml's extra updown section",
     "model.updown.visual_dim": "coco.yaml's extra updown section",
+    "model.updown.lstm_dropout": "coco.yaml's extra updown section",
+    "model.updown.pred_dropout": "coco.yaml's extra updown section",
+    "model.updown.use_boxes": "coco.yaml's extra updown section",
     # Ours, not X-modaler's: names, the dataset directory, the seed (X-modaler draws one: SEED -1)
     # and how many checkpoints to keep (X-modaler keeps all).
     "output_dir": "ours",
@@ -175,19 +169,24 @@ def test_rl_config_becomes_rl_and_scst_sections():
 
 def test_coco_yaml_is_transformer_yaml_up_to_documented_differences(tmp_path):
     out = tmp_path / "converted.yaml"
-    assert main(["config", str(TRANSFORMER), "--rl", str(TRANSFORMER_RL), "--train-images",
-                 str(COCO_TRAIN_IMAGES), "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        main(["config", str(TRANSFORMER), "--rl", str(TRANSFORMER_RL), "--output", str(out)]) == 0
+    )
     ours, coco = load_caption_config(out), load_caption_config(REPO / "recipes/coco.yaml")
     xe = _differences(ours, coco)
     scst = _differences(apply_section(ours, "scst"), apply_section(coco, "scst"))
     assert set(xe) | set(scst) == set(COCO_DIFFERENCES), (xe, scst)
-    assert xe["train.max_steps"] == (30 * 14_160, 30 * 14_161)
-    assert scst["train.max_steps"] == (30 * 7_080, 30 * 7_081)
+    assert coco.train.epochs == 30 and coco.eval.every_epochs == coco.checkpoint.every_epochs == 1
 
 
-@pytest.mark.skipif(
-    "epochs" not in CAPTION_DEFAULTS["train"], reason="train.epochs is not a config key yet"
-)
+def test_coco_updown_section_is_updown_yamls_model(tmp_path):
+    out = tmp_path / "converted.yaml"
+    assert main(["config", str(UPDOWN), "--output", str(out)]) == 0
+    ours = load_caption_config(out).model.updown
+    coco = load_caption_config(REPO / "recipes/coco.yaml").model.updown
+    assert ours == coco
+
+
 def test_epoch_form_loads(tmp_path):
     out = tmp_path / "converted.yaml"
     assert main(["config", str(TRANSFORMER_RL), "--output", str(out)]) == 0

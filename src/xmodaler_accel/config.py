@@ -28,7 +28,10 @@ DEFAULTS: dict[str, Any] = {
     # --mixed_precision`, `accelerate config`) or "no". See setup.resolve_launcher_settings.
     "mixed_precision": None,
     "train": {
-        "max_steps": 1000,
+        # How long to train: optimizer steps, or epochs (X-modaler's SOLVER.EPOCH) that
+        # setup.resolve_epochs turns into steps for the dataset, global batch and world size.
+        "max_steps": None,
+        "epochs": None,
         "batch_size": 32,  # per process
         "grad_accum": None,  # left null: the launcher's (ACCELERATE_GRADIENT_ACCUMULATION_STEPS) or 1
         "num_workers": 0,
@@ -61,8 +64,9 @@ DEFAULTS: dict[str, Any] = {
         "milestones": [],  # warmup_multistep: steps at which the rate is multiplied by gamma
         "min_lr_ratio": 0.0,  # cosine / linear floor
     },
-    "eval": {"batch_size": 64, "every": 0, "start": 0},
-    "checkpoint": {"every": 0, "keep": 3, "prefix": "step"},
+    # Periods in steps (0: only at the end), or in epochs (`every_epochs`, resolve_epochs).
+    "eval": {"batch_size": 64, "every": 0, "every_epochs": None, "start": 0},
+    "checkpoint": {"every": 0, "every_epochs": None, "keep": 3, "prefix": "step"},
     "model": {"weights": ""},
     "logging": {
         "tensorboard": False,
@@ -89,7 +93,14 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 }
 
 # Keys whose default is null (unset): the type a value must have when one is given.
-NULLABLE_TYPES: dict[str, type] = {"mixed_precision": str, "train.grad_accum": int}
+NULLABLE_TYPES: dict[str, type] = {
+    "mixed_precision": str,
+    "train.grad_accum": int,
+    "train.max_steps": int,
+    "train.epochs": int,
+    "eval.every_epochs": int,
+    "checkpoint.every_epochs": int,
+}
 
 # Sections of DEFAULTS that a root config file may extend with keys of its own.
 OPEN_SECTIONS = frozenset({"model"})

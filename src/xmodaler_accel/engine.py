@@ -12,6 +12,7 @@ checked every `sync_every` steps and before every checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from .config import Config, save_config
 from .events import Event, EventBus
 from .samplers import ResumableSampler, find_resumable_sampler
 from .step_metrics import NonFiniteLossError, StepMetrics
@@ -68,7 +70,7 @@ class Engine:
         self.scheduler = scheduler
         self.sampler: ResumableSampler = find_resumable_sampler(self.train_loader)
         self.step_fn = step_fn
-        self.max_steps = max_steps
+        self.max_steps = int(max_steps)  # None: train.epochs never went through resolve_epochs
         self.clip_grad, self.clip_grad_max = clip_grad, clip_grad_max
         self.output_dir = Path(output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
@@ -77,8 +79,7 @@ class Engine:
         self.config = config  # the run's resolved config, saved in each checkpoint (config.yaml)
         self.events = EventBus()
 
-        self.step = 0  # optimizer steps completed
-        self.epoch = 0
+        self.step, self.epoch = 0, 0  # optimizer steps completed, passes over the data
         self.samples_in_epoch = 0  # consumed in the current epoch, over all processes
         self.batch: Any = None
         self.outputs: dict[str, torch.Tensor] = {}
@@ -105,6 +106,11 @@ class Engine:
         return self.accelerator.unwrap_model(self.model)
 
     @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per pass over the loader, as `samplers.steps_per_epoch` predicts."""
+        return math.ceil(len(self.train_loader) / self.accelerator.gradient_accumulation_steps)
+
+    @property
     def global_batch_size(self) -> int:
         """Samples consumed per micro-step over all processes."""
         return getattr(self.train_loader, "total_batch_size", None) or self.train_loader.batch_size
@@ -113,6 +119,8 @@ class Engine:
     def run(self) -> None:
         """Train until `max_steps`; hooks see TRAIN_START ... TRAIN_END (or EXCEPTION)."""
         self.events.load_pending_states(warn_unused=True)
+        if self.config is not None and self.is_main_process:  # now resolved (train.epochs)
+            save_config(Config(self.config), self.output_dir / "config.yaml")
         with self.stop.caught():
             try:
                 self.fire(Event.TRAIN_START)

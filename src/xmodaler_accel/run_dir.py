@@ -27,11 +27,13 @@ RESUME_MAY_CHANGE = (
     "mixed_precision",
     "model.weights",
     "train.max_steps",
+    "train.epochs",
     "train.num_workers",
     "train.log_every",
     "train.timer_warmup",
     "eval",
     "checkpoint.every",
+    "checkpoint.every_epochs",
     "checkpoint.keep",
     "logging",
 )

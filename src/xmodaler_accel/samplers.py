@@ -7,6 +7,7 @@ processes); the skip applies to the resumed epoch only (accelerate #1451, #2859)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
@@ -82,6 +83,29 @@ def build_train_loader(
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
     )
+
+
+def steps_per_epoch(
+    num_samples: int,
+    batch_size: int,
+    *,
+    num_processes: int = 1,
+    grad_accum: int = 1,
+    drop_last: bool = True,
+) -> int:
+    """Optimizer steps in one pass over `num_samples`, as the Engine runs it.
+
+    Accelerate deals whole batches of `batch_size` round-robin to the processes: with
+    `drop_last` the incomplete global batch is dropped, otherwise the last one is filled from the
+    start. A step takes `grad_accum` batches per process, the last step of an epoch fewer
+    (Accelerate syncs at the end of the loader). X-modaler's epoch on one process is the same,
+    floor(images / TRAIN_BATCH_SIZE) steps.
+    """
+    if drop_last:
+        per_process = num_samples // batch_size // num_processes
+    else:
+        per_process = math.ceil(math.ceil(num_samples / batch_size) / num_processes)
+    return math.ceil(per_process / grad_accum)
 
 
 def find_resumable_sampler(loader: Any) -> ResumableSampler | None:

@@ -23,6 +23,7 @@ from .config import Config, ConfigError, flatten, save_config
 from .errors import UserError
 from .optim import auto_scale_workers
 from .run_dir import check_new_run_dir, clear_run_dir, resume_checkpoint
+from .samplers import steps_per_epoch
 from .writers import ConsoleTracker, JSONLTracker
 
 logger = logging.getLogger("xmodaler_accel")
@@ -181,7 +182,7 @@ def _flag(argv: Sequence[str], name: str) -> str | None:
 def default_writers(cfg: Config) -> list[Any]:
     """Console and metrics.jsonl always; TensorBoard and W&B when the config asks for them."""
     writers: list[Any] = [
-        ConsoleTracker(cfg.train.max_steps),
+        ConsoleTracker(lambda: cfg.train.max_steps),  # known once resolve_epochs has run
         JSONLTracker(Path(cfg.output_dir) / "metrics.jsonl"),
     ]
     if cfg.logging.tensorboard:
@@ -227,6 +228,52 @@ def default_setup(cfg: Config, args: argparse.Namespace | None = None) -> Accele
     wandb_id = read_trainer_state(checkpoint).get("wandb_run_id") if checkpoint else None
     init_trackers(accelerator, cfg, wandb_run_id=wandb_id)
     return accelerator
+
+
+# Settings given in epochs, and the step settings they become (X-modaler counts in epochs).
+EPOCH_SETTINGS = (
+    ("train.epochs", "train.max_steps"),
+    ("eval.every_epochs", "eval.every"),
+    ("checkpoint.every_epochs", "checkpoint.every"),
+)
+
+
+def resolve_epochs(cfg: Config, accelerator: Accelerator, train_loader: Any) -> int:
+    """Turn `train.epochs`, `eval.every_epochs` and `checkpoint.every_epochs` into the step counts
+    the Engine and hooks use, for this dataset, global batch and world size; return the steps per
+    epoch. Call it once the train loader is built, before the LR schedule (which needs
+    `train.max_steps`). A step setting given as well must agree: one length, never two."""
+    per_epoch = steps_per_epoch(
+        len(train_loader.dataset),
+        train_loader.batch_size,
+        num_processes=accelerator.num_processes,
+        grad_accum=accelerator.gradient_accumulation_steps,
+        drop_last=train_loader.drop_last,
+    )
+    batch = (
+        f"{len(train_loader.dataset)} samples, {train_loader.batch_size} per batch x "
+        f"{accelerator.num_processes} processes x {accelerator.gradient_accumulation_steps} "
+        "accumulation"
+    )
+    if per_epoch < 1:
+        raise ConfigError(f"an epoch is shorter than one optimizer step ({batch})")
+    for epochs_key, steps_key in EPOCH_SETTINGS:
+        epochs, given = cfg.get_path(epochs_key), cfg.get_path(steps_key)
+        if epochs is None:
+            continue
+        steps = epochs * per_epoch
+        if given and given != steps:
+            raise ConfigError(
+                f"config keys '{epochs_key}' ({epochs} = {steps} steps of {per_epoch} per epoch: "
+                f"{batch}) and '{steps_key}' ({given}) disagree: give one, e.g. {steps_key}=null"
+            )
+        section, key = steps_key.split(".")
+        cfg[section][key] = steps
+        logger.info("%s %d: %s %d (%d steps per epoch: %s)", epochs_key, epochs, steps_key,
+                    steps, per_epoch, batch)  # fmt: skip
+    if not cfg.train.max_steps:
+        raise ConfigError("give the training length: train.max_steps=<steps> or train.epochs=<n>")
+    return per_epoch
 
 
 def check_eval_only(cfg: Config, *, resume: bool) -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,18 @@ class ConsoleTracker(GeneralTracker):
     name = "console"
     requires_logging_directory = False
 
-    def __init__(self, max_steps: int) -> None:
+    def __init__(self, max_steps: int | Callable[[], int]) -> None:
         super().__init__()
-        self.max_steps = max_steps
+        self._max_steps = max_steps
         self._last: tuple[int, float] | None = None
 
     @property
     def tracker(self) -> Any:
         return logger
+
+    @property
+    def max_steps(self) -> int:
+        return self._max_steps() if callable(self._max_steps) else self._max_steps
 
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
         now = time.perf_counter()

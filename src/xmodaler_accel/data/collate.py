@@ -39,7 +39,8 @@ def pad_regions(
     mask = np.zeros((len(features), size), dtype=bool)
     for b, (feat, box, count) in enumerate(zip(features, boxes, counts)):
         if use_global_v:
-            feats[b, 0] = feat.mean(axis=0, dtype=np.float32)  # over all regions, as X-modaler
+            # The mean of the regions kept, as X-modaler's datasets (after MAX_FEAT_NUM - 1).
+            feats[b, 0] = feat[:count].mean(axis=0, dtype=np.float32)
             locs[b, 0] = GLOBAL_BOX
         feats[b, offset : offset + count] = feat[:count]
         feats[b, offset + count :] = 0.0

@@ -10,7 +10,6 @@ constructor arguments, and `None` entries are skipped.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -82,8 +81,7 @@ class TrainerView:
     @property
     def iters_per_epoch(self) -> int:
         """Optimizer steps per epoch (batches per process over gradient accumulation)."""
-        accum = self._engine.accelerator.gradient_accumulation_steps
-        return math.ceil(len(self._engine.train_loader) / accum)
+        return self._engine.steps_per_epoch
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
