@@ -107,6 +107,23 @@ def test_each_fixture_config_converts_and_names_its_unmapped_keys(name):
         assert key in text  # listed in the file too
 
 
+def test_a_resolved_config_reports_only_what_asks_for_something(tmp_path):
+    """X-modaler writes every key into OUTPUT_DIR/config.yaml; keys of other tasks and options
+    left at X-modaler's defaults are not reported, the same keys set otherwise are."""
+    resolved = REPO / "tests/fixtures/xmodaler_transformer/config.yaml"
+    assert set(convert_config(resolved).unmapped) == {"SOLVER.BASE_LR = 0.0005"}
+    changed = yaml.safe_load(resolved.read_text())
+    changed["MODEL"]["BERT"]["LAYER_DROP"] = 0.1
+    changed["DATALOADER"]["RELATION_FILE"] = "relations.pkl"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(changed))
+    assert set(convert_config(path).unmapped) == {
+        "SOLVER.BASE_LR = 0.0005",
+        "MODEL.BERT.LAYER_DROP = 0.1",
+        "DATALOADER.RELATION_FILE = 'relations.pkl'",
+    }
+
+
 def test_transformer_maps_every_number():
     cfg = convert_config(TRANSFORMER).config
     assert cfg["train"]["batch_size"] == 8 and cfg["eval"]["batch_size"] == 32

@@ -104,12 +104,12 @@ BUILT_IN: dict[str, dict[str, Any]] = {
         "INFERENCE.NAME": "COCOEvaler", "INFERENCE.ID_KEY": "image_id",
         "INFERENCE.VALUE": "caption", "INFERENCE.GENERATION_MODE": True,
         "INFERENCE.VAL_EVAL_START": -1, "INFERENCE.TEST_EVAL_START": -1,
-        "MODEL.DEVICE": "cuda",
     },
 }  # fmt: skip
 
 # Keys whose information reaches us another way (any value is fine).
 ELSEWHERE = {
+    "MODEL.DEVICE": "Accelerate places the model (accelerate launch / CUDA_VISIBLE_DEVICES)",
     "MODEL.VOCAB_SIZE": "the dataset's tokenizer",
     "MODEL.VISUAL_EMBED.IN_DIM": "the dataset's feature width",
     "MODEL.TOKEN_EMBED.POSITION_MAX_LEN": "computed sinusoid table",
@@ -177,6 +177,33 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
+# Keys without a counterpart whose X-modaler default leaves the feature off or unused by the
+# captioners above (other tasks' datasets and losses, other optimizers' and schedulers' options,
+# layer drop): a resolved config (X-modaler's OUTPUT_DIR/config.yaml) lists them all, and at these
+# values they ask for nothing. Any other value is reported. Defaults as X-modaler ed1f559 writes.
+INERT_DEFAULTS: dict[str, Any] = {
+    "DATALOADER.ATTRIBUTE_FILE": "", "DATALOADER.GV_FEAT_FILE": "",
+    "DATALOADER.RELATION_FILE": "", "DATALOADER.FILE_PATHS": [], "DATALOADER.SAMPLE_IDS": [],
+    "DATALOADER.SAMPLE_PROB": 0.2, "DATALOADER.INF_BATCH_SIZE": 200,
+    "DATALOADER.NEGATIVE_SIZE": -1, "DATALOADER.USE_GLOBAL_V": True,
+    "LOSSES.MARGIN": 0.2, "LOSSES.MAX_VIOLATION": True,
+    "LR_SCHEDULER.MIN_LR": 1e-05, "LR_SCHEDULER.STEPS": [3],
+    "LR_SCHEDULER.WARMUP_FACTOR": 0.0, "LR_SCHEDULER.WARMUP_METHOD": "linear",
+    "MODEL.BERT.LAYER_DROP": 0.0, "MODEL.BERT.G_LAYER_DROP": 0.0,
+    "MODEL.BERT.U_LAYER_DROP": 0.0, "MODEL.BERT.V_LAYER_DROP": 0.0,
+    "MODEL.BERT.NUM_UNDERSTANDING_LAYERS": 6, "MODEL.BERT.V_NUM_HIDDEN_LAYERS": 6,
+    "MODEL.BERT.V_TARGET_SIZE": 0, "MODEL.ENSEMBLE_WEIGHTS": [""], "MODEL.ITM_NEG_PROB": 0.5,
+    "MODEL.MODEL_WEIGHTS": [1.0, 1.0], "MODEL.V_PREDICTOR": "",
+    "MODEL.PRETRAINING.DO_LOWER_CASE": True,
+    "MODEL.PRETRAINING.FROM_PRETRAINED": "bert-base-uncased",
+    "MODEL.PRETRAINING.MODEL_NAME": "bert-base-uncased",
+    "MODEL.TOKEN_EMBED.ELU_ALPHA": 0.5, "MODEL.TOKEN_EMBED.TYPE_VOCAB_SIZE": 0,
+    "MODEL.VISUAL_EMBED.ELU_ALPHA": 0.5, "MODEL.VISUAL_EMBED.G_IN_DIM": 512,
+    "SOLVER.ALPHA": 0.99, "SOLVER.AMSGRAD": False, "SOLVER.CENTERED": False,
+    "SOLVER.INITIAL_ACCUMULATOR_VALUE": 0.0, "SOLVER.LR_DECAY": 0.0,
+}  # fmt: skip
+
+
 class _Mapper:
     """Reads X-modaler keys, writes ours, and remembers which given keys found no home."""
 
@@ -216,7 +243,8 @@ class _Mapper:
 
     def finish(self) -> Conversion:
         for key, value in self.given.items():
-            if key not in self.used and key not in ELSEWHERE:
+            inert = key in INERT_DEFAULTS and value == INERT_DEFAULTS[key]
+            if key not in self.used and key not in ELSEWHERE and not inert:
                 self.out.unmapped[f"{key} = {value!r}"] = "no counterpart"
         return self.out
 
@@ -280,12 +308,14 @@ def _translate(given: dict[str, Any], name: str, steps_per_epoch: int | None) ->
     m.put("data.use_global_v", True, "MSCoCoDataset: the regions' mean first")
     m.put("data.seq_per_img", m.get("DATALOADER.SEQ_PER_SAMPLE"), "DATALOADER.SEQ_PER_SAMPLE")
     m.put("data.max_seq_len", m.get("MODEL.MAX_SEQ_LEN"), "MODEL.MAX_SEQ_LEN")
-    annfiles = {s: m.values[f"INFERENCE.{s.upper()}_ANNFILE"] for s in splits}
-    references = " ".join(f"{split}={path}" for split, path in annfiles.items())
+    # Every split with its COCO-format references (scored raw, as COCOEvaler), evaluated or not.
+    annfiles = {s: m.values.get(f"INFERENCE.{s.upper()}_ANNFILE") for s in ("val", "test")}
+    references = " ".join(f"{split}={path}" for split, path in annfiles.items() if path)
     m.out.data_command = (
         f"python -m xmodaler_accel.data.convert xmodaler --annotations {anno} "
         f"--features {m.values['DATALOADER.FEATS_FOLDER']} --vocab {m.values['INFERENCE.VOCAB']} "
-        f"--references {references} --output {m.out.config['data']['source']}"
+        + (f"--references {references} " if references else "")
+        + f"--output {m.out.config['data']['source']}"
     )
     weights = str(m.get("MODEL.WEIGHTS") or "")
     if weights.startswith("{"):
