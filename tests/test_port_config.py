@@ -124,6 +124,13 @@ def test_a_resolved_config_reports_only_what_asks_for_something(tmp_path):
     }
 
 
+def test_scheduled_sampling_only_where_xmodaler_applies_it():
+    """X-modaler's SS_PROB reaches RnnAttEncoderDecoder (Up-Down) only."""
+    transformer = convert_config(TRANSFORMER).config["train"]["scheduled_sampling"]
+    updown = convert_config(UPDOWN).config["train"]["scheduled_sampling"]
+    assert transformer["max_prob"] == 0.0 and updown["max_prob"] == 0.25
+
+
 def test_transformer_maps_every_number():
     cfg = convert_config(TRANSFORMER).config
     assert cfg["train"]["batch_size"] == 8 and cfg["eval"]["batch_size"] == 32

@@ -42,7 +42,8 @@ class TrainerView:
     `iter` is X-modaler's: the 0-based index of the step being run, the same in `before_step`
     and in `after_step` (where `engine.step`, the count of steps done, is already one more); in
     `before_train` it is `start_iter` (the step the run starts from, after a resume too); in
-    `after_train` the last step run (the one that raised, when training fails). `cfg` is the
+    `after_train` `max_iter` when training finished (X-modaler's `self.iter += 1` after its loop),
+    the step that raised when it failed. `cfg` is the
     Engine's config, `iters_per_epoch` its optimizer steps per epoch, `storage` an EventStorage;
     everything else falls through to the Engine (`model`, `optimizer`, `scheduler`, ...), and
     attributes a hook sets (`self.trainer.ss_prob = p`) are set on the Engine. One per Engine:
@@ -58,6 +59,7 @@ class TrainerView:
         self.storage = EventStorage(self)
         engine.on(Event.TRAIN_START, self._start_training, name="TrainerView")
         engine.on(Event.STEP_START, self._start_step, name="TrainerView")
+        engine.on(Event.TRAIN_END, self._finish_training, name="TrainerView")
 
     def _start_training(self, engine: Any) -> None:
         self._index, self.start_iter = None, engine.step
@@ -65,6 +67,9 @@ class TrainerView:
 
     def _start_step(self, engine: Any) -> None:
         self._index = engine.step
+
+    def _finish_training(self, engine: Any) -> None:
+        self._index = None  # iter is then the steps done: max_iter
 
     @property
     def iter(self) -> int:

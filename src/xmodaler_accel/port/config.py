@@ -274,6 +274,11 @@ def _translate(given: dict[str, Any], name: str, steps_per_epoch: int | None) ->
     for ours, key in ss.items():
         m.put(f"train.scheduled_sampling.{ours}", m.get(f"SCHEDULED_SAMPLING.{key}"),
               f"SCHEDULED_SAMPLING.{key}")  # fmt: skip
+    if m.values["MODEL.META_ARCHITECTURE"] == "TransformerEncoderDecoder":
+        # X-modaler's hook sets SS_PROB, but only RnnAttEncoderDecoder reads it: its Transformer
+        # trains with teacher forcing alone. Ours would mix in predictions: turned off.
+        m.put("train.scheduled_sampling.max_prob", 0.0,
+              "0: TransformerEncoderDecoder ignores SCHEDULED_SAMPLING")  # fmt: skip
     if m.get("MODEL.USE_EMA"):
         m.put("train.ema_decay", float(m.get("MODEL.EMA_DECAY")), "MODEL.USE_EMA", "EMA_DECAY")
     m.get("MODEL.EMA_DECAY")
