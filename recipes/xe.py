@@ -19,6 +19,7 @@ from xmodaler_accel.hooks import (
     LRScheduler,
     PeriodicCheckpointer,
     PeriodicWriter,
+    ScheduledSampling,
 )
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
 from xmodaler_accel.setup import (
@@ -30,7 +31,6 @@ from xmodaler_accel.setup import (
 from xmodaler_accel.tasks.captioning import (
     CaptionDataset,
     CaptionEvaluator,
-    ScheduledSampling,
     captioner_from_config,
     collate_xe,
     image_collate,
@@ -123,8 +123,8 @@ def main(args) -> None:
     PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(
         engine
     )
-    ss = cfg.train.scheduled_sampling
-    ScheduledSampling(ss.start_epoch, ss.every, ss.prob, ss.max_prob).attach(engine)
+    ss, epoch = cfg.train.scheduled_sampling, engine.steps_per_epoch  # as X-modaler's build_hooks
+    ScheduledSampling(ss.start_epoch * epoch, ss.every * epoch, ss.prob, ss.max_prob).attach(engine)
     ema = EMA(cfg.train.ema_decay).attach(engine) if cfg.train.ema_decay > 0 else None
     eval_hook = EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start, ema=ema)
     eval_hook.attach(engine)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_engine, mse_step, regression_data
-from xmodaler_accel import hooks
+from xmodaler_accel import Event, hooks
 from xmodaler_accel.hooks import (
     HookBase,
     PeriodicCheckpointer,
@@ -70,8 +70,8 @@ class RecordingWriter:
         self.closed = True
 
 
-class ScheduledSampling(HookBase):
-    """X-modaler's ScheduledSampling hook, copied unchanged."""
+class XmodalerScheduledSampling(HookBase):
+    """X-modaler's ScheduledSampling hook, copied unchanged (the reference for ours)."""
 
     def __init__(self, start_iter, inc_every_iter, inc_prob, max_prob):
         self._start_iter = start_iter
@@ -119,7 +119,7 @@ def build_hooks(trainer, checkpointer, writers, evaluated, scheduler):
     ret = [
         hooks.IterationTimer(),
         hooks.LRScheduler(optimizer=self.optimizer, scheduler=scheduler),
-        ScheduledSampling(
+        hooks.ScheduledSampling(
             start_iter=1 * self.iters_per_epoch,
             inc_every_iter=1 * self.iters_per_epoch,
             inc_prob=0.1,
@@ -180,8 +180,8 @@ def test_xmodaler_build_hooks_list_runs_through_register_hooks(tmp_path):
     assert engine.scheduler is scheduler
     lrs = trainer.storage.history("lr").values()
     assert lrs == [(pytest.approx(0.05 * 0.5 ** (s // 2)), s - 1) for s in range(1, 9)]
-    # ScheduledSampling (a HookBase written for X-modaler): set on the trainer.
-    assert engine.ss_prob == pytest.approx(0.1)
+    # ScheduledSampling: on the trainer (X-modaler's models read it there) and on the model.
+    assert engine.ss_prob == model.ss_prob == pytest.approx(0.1)
     # ModelWeightsManipulating: bind_or_init_weights once, as training starts.
     assert model.bind_calls == 1
     # PreciseBN: exact statistics of the final weights over its batches.
@@ -350,3 +350,41 @@ def test_constructors_take_xmodaler_positional_arguments(tmp_path):
     assert hooks.PeriodicWriter([RecordingWriter(), "tensorboard"], 7).period == 7
     with pytest.raises(TypeError, match="X-modaler's: PeriodicCheckpointer"):
         PeriodicCheckpointer(checkpointer)
+
+
+def _ss_probabilities(tmp_path, hook, read, max_steps=12, resume_at=None):
+    """The scheduled-sampling probability each step of a run uses (2 steps per epoch)."""
+    seen = []
+
+    def build(steps):
+        engine = make_engine(tmp_path, batch_size=32, max_steps=steps)
+        register_hooks(engine, [hook, PeriodicCheckpointer(period=resume_at or max_steps)])
+        engine.on(Event.STEP_START, lambda e: seen.append(read(e)))
+        return engine
+
+    if resume_at:
+        build(resume_at).run()
+        engine = build(max_steps)
+        assert engine.resume()
+    else:
+        engine = build(max_steps)
+    engine.run()
+    return seen
+
+
+def test_scheduled_sampling_equals_xmodalers_hook_step_by_step(tmp_path):
+    args = dict(start_iter=2, inc_every_iter=4, inc_prob=0.05, max_prob=0.1)
+    theirs = _ss_probabilities(
+        tmp_path / "x", XmodalerScheduledSampling(**args), lambda e: getattr(e, "ss_prob", 0.0)
+    )
+    ours = _ss_probabilities(
+        tmp_path / "o", hooks.ScheduledSampling(**args), lambda e: e.unwrapped_model.ss_prob
+    )
+    assert theirs == ours == [0.0] * 6 + [0.05] * 4 + [0.1] * 2
+    # Resumed after 7 steps, the 8th step has the probability an uninterrupted run gives it
+    # (X-modaler's own trainer would use 0.0 until that step ends).
+    resumed = _ss_probabilities(
+        tmp_path / "r", hooks.ScheduledSampling(**args), lambda e: e.unwrapped_model.ss_prob,
+        resume_at=7,
+    )  # fmt: skip
+    assert resumed == ours

@@ -10,6 +10,7 @@ from .common import (
     ModelWeightsManipulating,
     PeriodicCheckpointer,
     PeriodicWriter,
+    ScheduledSampling,
 )
 from .ema import EMA
 from .eval import EvalHook
@@ -30,6 +31,7 @@ __all__ = [
     "PeriodicCheckpointer",
     "PeriodicWriter",
     "PreciseBN",
+    "ScheduledSampling",
     "TrainerView",
     "get_event_storage",
     "register_hooks",

@@ -337,3 +337,36 @@ class ModelWeightsManipulating:
         model = engine.unwrapped_model
         if hasattr(model, "bind_or_init_weights"):
             model.bind_or_init_weights()
+
+
+class ScheduledSampling:
+    """X-modaler's `ScheduledSampling(start_iter, inc_every_iter, inc_prob, max_prob)`: the model's
+    `ss_prob` is `min(inc_prob * ((n - start_iter) // inc_every_iter), max_prob)` once `n`, the
+    steps done, exceeds `start_iter` (0 before). X-modaler's build_hooks gives epoch counts times
+    `iters_per_epoch`, so the probability rises at epoch boundaries.
+
+    Set after every step and as training starts, so a resumed run's first step has the value
+    an uninterrupted run has (X-modaler's trainer starts from 0.0 until its first step ends).
+    Models that read `ss_prob`: our Transformer and Up-Down captioners.
+    """
+
+    def __init__(self, start_iter: int, inc_every_iter: int, inc_prob: float, max_prob: float):
+        self.start_iter, self.inc_every_iter = start_iter, max(1, inc_every_iter)
+        self.inc_prob, self.max_prob = inc_prob, max_prob
+
+    def attach(self, engine: Any, name: str = "ScheduledSampling") -> ScheduledSampling:
+        engine.on(Event.TRAIN_START, self, name=name)
+        engine.on(Event.STEP_END, self, name=name)
+        return self
+
+    def probability(self, steps_done: int) -> float:
+        if steps_done <= self.start_iter:
+            return 0.0
+        increments = (steps_done - self.start_iter) // self.inc_every_iter
+        return min(self.inc_prob * increments, self.max_prob)
+
+    def __call__(self, engine: Any) -> None:
+        prob = self.probability(engine.step)
+        engine.unwrapped_model.ss_prob = prob
+        trainer_view(engine).ss_prob = prob  # X-modaler's hooks and models read trainer.ss_prob
+        engine.scalars["ss_prob"] = prob

@@ -6,13 +6,13 @@
 - `steps`: `xe_step`, `scst_step`.
 - `reward`: the CIDEr-D reward over the training references.
 - `evaluation`: beam-search evaluation with the coco-caption metrics (`CaptionEvaluator`).
-- `hooks`: `ScheduledSampling`, `SCSTTimeSplit`.
+- `hooks`: `SCSTTimeSplit`.
 """
 
 from .config import CAPTION_DEFAULTS, load_caption_config, load_scst_config
 from .data import CaptionDataset, collate_xe, image_collate
 from .evaluation import CaptionEvaluator
-from .hooks import ScheduledSampling, SCSTTimeSplit
+from .hooks import SCSTTimeSplit
 from .model import captioner_from_config, feature_dim
 from .reward import build_reward_scorer, training_references
 from .steps import BASELINES, SAMPLERS, scst_step, xe_step
@@ -24,7 +24,6 @@ __all__ = [
     "SCSTTimeSplit",
     "CaptionDataset",
     "CaptionEvaluator",
-    "ScheduledSampling",
     "build_reward_scorer",
     "captioner_from_config",
     "collate_xe",

@@ -1,4 +1,4 @@
-"""Captioning hooks: X-modaler's scheduled sampling, and the time split of an SCST step."""
+"""Captioning hooks: the time split of an SCST step (scheduled sampling: hooks.ScheduledSampling)."""
 
 from __future__ import annotations
 
@@ -7,32 +7,6 @@ from typing import Any
 from ...events import Event
 
 SCST_PARTS = ("time_generate", "time_reward", "time_forward")
-
-
-class ScheduledSampling:
-    """X-modaler's scheduled sampling: raise `model.ss_prob` by `increase_prob` every
-    `increase_every` epochs after `start_epoch`, up to `max_prob`."""
-
-    def __init__(
-        self, start_epoch: int, increase_every: int, increase_prob: float, max_prob: float
-    ) -> None:
-        self.start_epoch, self.increase_every = start_epoch, max(1, increase_every)
-        self.increase_prob, self.max_prob = increase_prob, max_prob
-
-    def attach(self, engine: Any) -> ScheduledSampling:
-        engine.on(Event.EPOCH_START, self)
-        return self
-
-    def probability(self, epoch: int) -> float:
-        if epoch <= self.start_epoch:
-            return 0.0
-        steps = (epoch - self.start_epoch) // self.increase_every
-        return min(self.increase_prob * steps, self.max_prob)
-
-    def __call__(self, engine: Any) -> None:
-        prob = self.probability(engine.epoch)
-        engine.unwrapped_model.ss_prob = prob
-        engine.scalars["ss_prob"] = prob
 
 
 class SCSTTimeSplit:
