@@ -14,6 +14,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from conftest import run_toy
 from xmodaler_accel import build_train_loader
 from xmodaler_accel.config import ConfigError
+from xmodaler_accel.optim import lr_factor
 from xmodaler_accel.samplers import steps_per_epoch
 from xmodaler_accel.setup import resolve_epochs
 from xmodaler_accel.tasks.captioning import load_caption_config, load_scst_config
@@ -142,3 +143,16 @@ def test_disagreeing_lengths_through_the_cli_are_one_line_errors(tmp_path):
     assert "error: config keys 'train.epochs' (2 = 50 steps" in proc.stderr
     assert "'train.max_steps' (60) disagree: give one, e.g. train.max_steps=null" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_step_lr_decays_every_n_epochs_as_xmodalers_steplr():
+    """X-modaler's StepLR: step_size = STEP_SIZE * iters_per_epoch."""
+    overrides = ["lr_scheduler.name=step", "lr_scheduler.step_size_epochs=3"]
+    cfg = load_caption_config(REPO / "recipes/coco.yaml", overrides)
+    resolve_epochs(cfg, _accelerator(1), _coco_loader(8))
+    assert cfg.lr_scheduler.step_size == 3 * 14_160
+    factor = lr_factor(cfg, cfg.train.max_steps)
+    assert factor(3 * 14_160 - 1) == 1.0 and factor(3 * 14_160) == cfg.lr_scheduler.gamma
+    cfg = load_caption_config(REPO / "recipes/coco.yaml", ["lr_scheduler.name=step"])
+    with pytest.raises(ConfigError, match="lr_scheduler.step_size_epochs"):
+        lr_factor(cfg, 100)

@@ -35,12 +35,9 @@ UNMAPPED = {
         "SOLVER.BASE_LR = 0.0005",
         "MODEL.WEIGHTS = '{path_to_xe_model}' [transformer_rl.yaml]",  # a placeholder
     },
-    "updown/updown.yaml": {"LR_SCHEDULER.STEP_SIZE = 3"},  # epochs: steps need --train-images
-    "updown/updown_rl.yaml": {
-        "LR_SCHEDULER.STEP_SIZE = 3",
-        "MODEL.WEIGHTS = '{path_to_xe_model}' [updown_rl.yaml]",
-    },
-    "base_att_image_caption.yaml": {"LR_SCHEDULER.STEP_SIZE = 3"},
+    "updown/updown.yaml": set(),
+    "updown/updown_rl.yaml": {"MODEL.WEIGHTS = '{path_to_xe_model}' [updown_rl.yaml]"},
+    "base_att_image_caption.yaml": set(),
 }
 
 # Where recipes/coco.yaml differs from converting transformer.yaml + transformer_rl.yaml, and
@@ -165,7 +162,7 @@ def test_updown_maps_its_sizes_and_loss():
         "use_boxes": False,
     }
     assert cfg["model"]["label_smoothing"] == 0.0  # CrossEntropy
-    assert cfg["lr_scheduler"] == {"name": "step", "gamma": 0.8}
+    assert cfg["lr_scheduler"] == {"name": "step", "gamma": 0.8, "step_size_epochs": 3}
     steps = convert_config(UPDOWN, train_images=800).config
     assert steps["lr_scheduler"]["step_size"] == 3 * 100  # STEP_SIZE epochs of 800 // 8 steps
 
@@ -230,13 +227,15 @@ def test_step_form_loads_as_a_caption_config(tmp_path, files):
 
 def test_main_writes_yaml_and_lists_unmapped_keys_on_stderr(tmp_path, capsys):
     out = tmp_path / "ours.yaml"
-    assert main(["config", str(UPDOWN), "--output", str(out)]) == 0
+    assert main(["config", str(TRANSFORMER_RL), "--output", str(out)]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err == [
-        "X-modaler keys not mapped (1):",
-        "  LR_SCHEDULER.STEP_SIZE = 3: epochs; give --train-images N to convert to steps",
+        "X-modaler keys not mapped (2):",
+        "  SOLVER.BASE_LR = 0.0005: X-modaler's NoamLR ignores it (optim.lr 1.0 reproduces NoamLR)",
+        "  MODEL.WEIGHTS = '{path_to_xe_model}' [transformer_rl.yaml]: a placeholder; give "
+        "model.weights=<checkpoint> (SCST: the newest XE one)",
     ]
-    assert yaml.safe_load(out.read_text())["model"]["kind"] == "updown"
+    assert yaml.safe_load(out.read_text())["model"]["kind"] == "transformer"
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,8 @@ DEFAULTS: dict[str, Any] = {
         "warmup_steps": 0,
         "model_size": 512,  # noam
         "factor": 1.0,  # noam
-        "step_size": 1000,  # step
+        "step_size": None,  # step: steps between decays
+        "step_size_epochs": None,  # step: the same in epochs (X-modaler's StepLR STEP_SIZE)
         "gamma": 0.1,  # step, warmup_multistep
         "milestones": [],  # warmup_multistep: steps at which the rate is multiplied by gamma
         "min_lr_ratio": 0.0,  # cosine / linear floor
@@ -100,6 +101,8 @@ NULLABLE_TYPES: dict[str, type] = {
     "train.epochs": int,
     "eval.every_epochs": int,
     "checkpoint.every_epochs": int,
+    "lr_scheduler.step_size": int,
+    "lr_scheduler.step_size_epochs": int,
 }
 
 # Sections of DEFAULTS that a root config file may extend with keys of its own.

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from .config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,6 +51,11 @@ def lr_factor(cfg: Any, max_steps: int):
 
         return noam
     if name == "step":
+        if not s.step_size:
+            raise ConfigError(
+                "lr_scheduler.name 'step' needs lr_scheduler.step_size (steps) or "
+                "lr_scheduler.step_size_epochs"
+            )
         return lambda step: s.gamma ** (step // s.step_size)
     if name == "warmup_multistep":  # X-modaler's WarmupMultiStepLR
         milestones = sorted(s.milestones)

@@ -235,11 +235,12 @@ EPOCH_SETTINGS = (
     ("train.epochs", "train.max_steps"),
     ("eval.every_epochs", "eval.every"),
     ("checkpoint.every_epochs", "checkpoint.every"),
+    ("lr_scheduler.step_size_epochs", "lr_scheduler.step_size"),
 )
 
 
 def resolve_epochs(cfg: Config, accelerator: Accelerator, train_loader: Any) -> int:
-    """Turn `train.epochs`, `eval.every_epochs` and `checkpoint.every_epochs` into the step counts
+    """Turn the `EPOCH_SETTINGS` (`train.epochs`, `*.every_epochs` ...) into the step counts
     the Engine and hooks use, for this dataset, global batch and world size; return the steps per
     epoch. Call it once the train loader is built, before the LR schedule (which needs
     `train.max_steps`). A step setting given as well must agree: one length, never two."""

@@ -27,6 +27,7 @@ EPOCH_KEYS = {
     "SOLVER.EPOCH": "train.epochs",
     "SOLVER.EVAL_PERIOD": "eval.every_epochs",
     "SOLVER.CHECKPOINT_PERIOD": "checkpoint.every_epochs",
+    "LR_SCHEDULER.STEP_SIZE": "lr_scheduler.step_size_epochs",  # StepLR: epochs in X-modaler
 }
 STEP_KEYS = {
     "SOLVER.EPOCH": "train.max_steps",
@@ -390,11 +391,12 @@ def _optimizer(m: _Mapper, steps_per_epoch: int | None) -> None:
     elif scheduler == "StepLR":
         m.put("lr_scheduler.name", "step", "LR_SCHEDULER.NAME")
         m.put("lr_scheduler.gamma", float(m.get("LR_SCHEDULER.GAMMA")), "LR_SCHEDULER.GAMMA")
+        epochs = m.get("LR_SCHEDULER.STEP_SIZE")
         if steps_per_epoch:
-            step = m.get("LR_SCHEDULER.STEP_SIZE") * steps_per_epoch
+            step = epochs * steps_per_epoch
             m.put(STEP_KEYS["LR_SCHEDULER.STEP_SIZE"], step, "LR_SCHEDULER.STEP_SIZE")
         else:
-            m.reject("LR_SCHEDULER.STEP_SIZE", "epochs; give --train-images N to convert to steps")
+            m.put(EPOCH_KEYS["LR_SCHEDULER.STEP_SIZE"], epochs, "LR_SCHEDULER.STEP_SIZE")
     else:
         m.reject("LR_SCHEDULER.NAME", "ours converts NoamLR, FixLR and StepLR")
 
