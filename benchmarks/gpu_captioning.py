@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -80,7 +81,9 @@ def scst_figures(samples: int) -> tuple[float, float]:
     ]
     scorer = RewardScorer.from_corpus(refs, eos_id=2, pad_id=0)
     batch = images(16)
-    engine = SimpleNamespace(model=model, unwrapped_model=model, scalars={})
+    engine = SimpleNamespace(
+        model=model, unwrapped_model=model, gathered_model=lambda: nullcontext(model), scalars={}
+    )
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):

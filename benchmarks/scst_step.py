@@ -14,6 +14,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,7 +54,9 @@ class PerCandidateCider:
 
 
 def one_step(model, optimizer, batch, scorer) -> dict[str, float]:
-    engine = SimpleNamespace(model=model, unwrapped_model=model, scalars={})
+    engine = SimpleNamespace(
+        model=model, unwrapped_model=model, gathered_model=lambda: nullcontext(model), scalars={}
+    )
     start = time.perf_counter()
     out = scst_step(engine, batch, scorer=scorer, samples_per_image=5, max_len=20)
     before_backward = time.perf_counter()

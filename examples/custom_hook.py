@@ -152,12 +152,13 @@ def main(args) -> None:
     # Hooks run in the order attached; the writer logs after every STEP_END hook (Event.LOG).
     IterationTimer(cfg.train.timer_warmup).attach(engine)
     LRScheduler().attach(engine)
+    # EMA before the checkpointer: a checkpoint holds this step's average.
+    ema = EMA(cfg.train.ema_decay).attach(engine) if cfg.train.ema_decay > 0 else None
     PeriodicCheckpointer(cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.prefix).attach(
         engine
     )
     ss, epoch = cfg.train.scheduled_sampling, engine.steps_per_epoch  # as X-modaler's build_hooks
     ScheduledSampling(ss.start_epoch * epoch, ss.every * epoch, ss.prob, ss.max_prob).attach(engine)
-    ema = EMA(cfg.train.ema_decay).attach(engine) if cfg.train.ema_decay > 0 else None
     eval_hook = EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start, ema=ema)
     eval_hook.attach(engine)
     engine.on(Event.STEP_END, ImagesPerSecond(), every=cfg.train.log_every)  # CHANGED

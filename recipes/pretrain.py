@@ -53,11 +53,12 @@ logger = logging.getLogger("xmodaler_accel.recipes.pretrain")
 
 def export(engine: Engine, directory: Path) -> None:
     """Write the fine-tuning weights (`export_finetune_weights`) from the main process."""
-    if engine.is_main_process:
-        paths = export_finetune_weights(engine.unwrapped_model, directory)
-        logger.info(
-            "fine-tuning weights at step %d: %s", engine.step, sorted(map(str, paths.values()))
-        )
+    with engine.gathered_model() as model:  # FSDP and ZeRO-3: whole weights on every process
+        if engine.is_main_process:
+            paths = export_finetune_weights(model, directory)
+            logger.info(
+                "fine-tuning weights at step %d: %s", engine.step, sorted(map(str, paths.values()))
+            )
     engine.accelerator.wait_for_everyone()
 
 
@@ -140,12 +141,11 @@ def main(args) -> None:
 
     def evaluate(engine: Engine) -> dict:
         two_pass = cfg.pretrain.two_stage != "off"
-        return {
-            split: pretrain_metrics(
-                accelerator, engine.unwrapped_model, loader, count, two_pass=two_pass
-            )
-            for split, (loader, count) in loaders.items()
-        }
+        with engine.gathered_model() as model:
+            return {
+                split: pretrain_metrics(accelerator, model, loader, count, two_pass=two_pass)
+                for split, (loader, count) in loaders.items()
+            }
 
     # Hooks: timer, lr, checkpoints, evaluation, the export at the end, the writer.
     IterationTimer(cfg.train.timer_warmup).attach(engine)

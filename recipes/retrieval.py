@@ -147,9 +147,8 @@ def main(args) -> None:
     )
 
     def evaluate(engine: Engine) -> dict:
-        return evaluate_retrieval(
-            engine.accelerator, engine.unwrapped_model, splits, settings, reranker
-        )
+        with engine.gathered_model() as model:
+            return evaluate_retrieval(engine.accelerator, model, splits, settings, reranker)
 
     # Hooks: timer, lr, checkpoints, evaluation, the writer (it logs after all of them).
     IterationTimer(cfg.train.timer_warmup).attach(engine)

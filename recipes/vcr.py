@@ -98,10 +98,10 @@ def main(args) -> None:
 
     # Evaluation: Q->A, QA->R and Q->AR of every split, split across processes.
     def evaluate(engine: Engine) -> dict:
-        return evaluate_vcr(
-            engine.accelerator, engine.unwrapped_model, splits,
-            batch_size=cfg.eval.batch_size, collate=collate,
-        )  # fmt: skip
+        with engine.gathered_model() as model:
+            return evaluate_vcr(
+                engine.accelerator, model, splits, batch_size=cfg.eval.batch_size, collate=collate
+            )
 
     # Hooks: timer, lr, checkpoints, evaluation, the writer (it logs after all of them).
     IterationTimer(cfg.train.timer_warmup).attach(engine)

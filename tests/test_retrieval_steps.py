@@ -1,6 +1,7 @@
 """Retrieval losses, negative selection, clip_inputs and the single-stream encoder."""
 
 import math
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -189,7 +190,12 @@ def test_mean_pooling_is_padding_invariant_too():
 
 def fake_engine(model):
     accelerator = SimpleNamespace(num_processes=1, process_index=0)
-    return SimpleNamespace(model=model, unwrapped_model=model, accelerator=accelerator)
+    return SimpleNamespace(
+        model=model,
+        unwrapped_model=model,
+        gathered_model=lambda: nullcontext(model),
+        accelerator=accelerator,
+    )
 
 
 @pytest.mark.parametrize("hard", [False, True])

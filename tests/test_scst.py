@@ -1,5 +1,6 @@
 """Self-critical steps: baselines, the policy-gradient loss, rewards from training references."""
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -55,7 +56,9 @@ def batch(images=3):
 
 
 def fake_engine(model):
-    return SimpleNamespace(model=model, unwrapped_model=model, scalars={})
+    return SimpleNamespace(
+        model=model, unwrapped_model=model, gathered_model=lambda: nullcontext(model), scalars={}
+    )
 
 
 def sequence_log_probs(model, b, tokens, n):

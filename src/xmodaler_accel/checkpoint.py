@@ -1,14 +1,20 @@
 """Atomic, verified, exact-resume checkpoints, and weights-only loading.
 
-Layout of `checkpoints/<prefix>_<step>/`: `model.safetensors`, `optimizer.pt`, `scheduler.pt`,
-`scaler.pt` (fp16 only), `hooks.pt`, `rng_<rank>.pt` (one per process), `trainer_state.json`,
-`config.yaml` (when the Engine is given the run's config) and, written last, `manifest.json`: the
-name, size and sha256 of every other file. Everything is written into `.tmp-<name>/` and renamed
+Layout of `checkpoints/<prefix>_<step>/`: `model.safetensors` (the whole model, one plain file
+whatever engine trained it: `model.weights=` takes it), `optimizer.pt` (the whole optimizer state,
+keyed by parameter name; under DeepSpeed its own partitioned `deepspeed/` folder instead),
+`scheduler.pt`, `scaler.pt` (fp16 only), `hooks.pt`, `rng_<rank>.pt` (one per process),
+`trainer_state.json`, `config.yaml` (when the Engine is given the run's config) and, written last,
+`manifest.json`: the path, size and sha256 of every other file. Every process writes into the
+same folder: several machines need a shared filesystem (`setup.check_shared_output_dir`). Everything is written into `.tmp-<name>/` and renamed
 into place, so a directory without the `.tmp-` prefix is complete; a failed write (disk full)
 removes the temp dir and raises. `find_resume_checkpoint` checks checkpoints against their
 manifest, newest first, and skips (with a warning naming the file) any that was damaged since.
 Every `.pt` file holds tensors and plain Python containers only and is read with
-`torch.load(weights_only=True)`: loading a checkpoint never unpickles arbitrary objects.
+`torch.load(weights_only=True)`: loading a checkpoint never unpickles arbitrary objects (DeepSpeed
+reads its own folder itself). Sharded engines gather through `sharding` (Accelerate's
+`get_state_dict`, PyTorch's distributed state-dict API), so the files are the same under DDP,
+FSDP, DeepSpeed and torch.compile.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file
 
+from . import sharding
 from .config import Config
 from .errors import UserError
 from .port.weights import from_xmodaler, looks_like_xmodaler
@@ -40,7 +47,9 @@ STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "manifest.json"
-REQUIRED_FILES = (STATE_FILE, MODEL_FILE, "optimizer.pt", "hooks.pt", MANIFEST_FILE)
+OPTIMIZER_FILE = "optimizer.pt"
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+REQUIRED_FILES = (STATE_FILE, MODEL_FILE, "hooks.pt", MANIFEST_FILE)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -114,20 +123,35 @@ def write_checkpoint(
         rng = capture_rng_state()
         error = _attempt(_save_torch, rng, tmp / f"rng_{accelerator.process_index}.pt")
     rng_written = not _any_process(accelerator, error is not None)
+    if rng_written:
+        weights, optimizer_state = _engine_states(accelerator, model, optimizer, tmp)
     if rng_written and main:
-        parts = (model, optimizer, scheduler, trainer_state, hook_states, config)
+        parts = (weights, optimizer_state, scheduler, trainer_state, hook_states, config)
         error = _attempt(_write_main_files, accelerator, tmp, final, *parts)
     if _any_process(accelerator, error is not None):
         raise _write_failed(root, tmp, final, error, main) from error
     return final
 
 
+def _engine_states(
+    accelerator: Any, model: torch.nn.Module, optimizer: Any, tmp: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(model weights, optimizer state), whole, on the main process (collective: sharded engines
+    gather them). DeepSpeed writes its partitioned optimizer into `deepspeed/` from every process."""
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    weights = sharding.without_tied_copies(sharding.model_state(accelerator, model), unwrapped)
+    if sharding.is_deepspeed(accelerator):
+        model.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        return weights, None
+    return weights, sharding.optimizer_state(accelerator, model, optimizer)
+
+
 def _write_main_files(
     accelerator: Any,
     tmp: Path,
     final: Path,
-    model: torch.nn.Module,
-    optimizer: Any,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
     scheduler: Any | None,
     trainer_state: dict[str, Any],
     hook_states: dict[str, Any],
@@ -135,8 +159,10 @@ def _write_main_files(
 ) -> None:
     """Everything but the RNG files, the manifest last, then the rename (main process)."""
     with _writing(tmp / MODEL_FILE):
-        save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
-    _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+        weights = {name: t.contiguous() for name, t in weights.items()}
+        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    if optimizer_state is not None:
+        _save_torch(optimizer_state, tmp / OPTIMIZER_FILE)
     if scheduler is not None:
         _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
     if accelerator.scaler is not None:
@@ -160,8 +186,18 @@ def _tracker_ids(accelerator: Any) -> dict[str, str]:
 
 
 def _manifest(directory: Path) -> dict[str, Any]:
-    files = sorted(p for p in directory.iterdir() if p.name != MANIFEST_FILE)
-    return {"files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+    files = [p for p in _files(directory) if p != directory / MANIFEST_FILE]
+    return {
+        "files": {
+            p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in files
+        }
+    }
+
+
+def _files(directory: Path) -> list[Path]:
+    """Every file under `directory` (DeepSpeed's folder too), sorted."""
+    return sorted(p for p in directory.rglob("*") if p.is_file())
 
 
 def _sha256(path: Path) -> str:
@@ -238,10 +274,11 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
+    for file in _files(path):
         with open(file, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(path)
+    for folder in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+        _fsync_dir(folder)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -344,9 +381,9 @@ def _verify(path: Path) -> tuple[str | None, bool]:
 
 def _stat_key(path: Path) -> tuple:
     stats = []
-    for file in sorted(path.iterdir()) if path.is_dir() else []:
+    for file in _files(path) if path.is_dir() else []:
         st = file.stat()
-        stats.append((file.name, st.st_ino, st.st_size, st.st_mtime_ns))
+        stats.append((file.relative_to(path).as_posix(), st.st_ino, st.st_size, st.st_mtime_ns))
     return (str(path.resolve()), tuple(stats))
 
 
@@ -392,9 +429,10 @@ def read_checkpoint(
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     state = read_trainer_state(path)
-    # Read on the CPU and copied into the parameters where they live (safetensors rejects "cpu:0").
-    _load_safetensors(accelerator.unwrap_model(model), path / MODEL_FILE, strict=True)
-    optimizer.load_state_dict(_load_torch(path / "optimizer.pt"))
+    if sharding.is_deepspeed(accelerator):
+        _read_deepspeed_state(model, path)
+    else:
+        _read_engine_states(accelerator, path, model, optimizer)
     if scheduler is not None:
         scheduler.load_state_dict(_load_torch(_require(path / "scheduler.pt")))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
@@ -410,6 +448,59 @@ def read_checkpoint(
             accelerator.num_processes,
         )
     return state, _load_torch(path / "hooks.pt")
+
+
+def _read_engine_states(
+    accelerator: Any, path: Path, model: torch.nn.Module, optimizer: Any
+) -> None:
+    """The whole model and optimizer, read by every process, laid out by the engine."""
+    if (path / DEEPSPEED_DIR).is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} was written under DeepSpeed, whose optimizer state only DeepSpeed "
+            "reads: resume under DeepSpeed, or start a new run from its weights "
+            f"(model.weights={path / MODEL_FILE})"
+        )
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    try:
+        weights = load_file(str(path / MODEL_FILE), device="cpu")
+    except Exception as err:  # truncated or corrupt file
+        raise CheckpointError(f"cannot read {path / MODEL_FILE}: {err}") from err
+    with _reading(path / MODEL_FILE):
+        weights = sharding.with_tied_copies(weights, unwrapped)
+        sharding.load_model_state(accelerator, model, weights)
+    optimizer_state = _load_torch(_require(path / OPTIMIZER_FILE))
+    with _reading(path / OPTIMIZER_FILE):
+        sharding.load_optimizer_state(accelerator, model, optimizer, optimizer_state)
+
+
+def _read_deepspeed_state(model: Any, path: Path) -> None:
+    if not (path / DEEPSPEED_DIR).is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} was not written under DeepSpeed (no {DEEPSPEED_DIR}/ folder): "
+            "resume it with the engine that wrote it, or start a new run from its weights "
+            f"(model.weights={path / MODEL_FILE})"
+        )
+    with _reading(path / DEEPSPEED_DIR):
+        loaded, _ = model.load_checkpoint(
+            str(path / DEEPSPEED_DIR),
+            tag=DEEPSPEED_TAG,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,  # ours is in scheduler.pt
+        )
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed could not load {path / DEEPSPEED_DIR}")
+
+
+@contextmanager
+def _reading(path: Path):
+    """Name the file in any error raised while loading it (keys or shapes that do not match)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"cannot load {path}: {err}") from err
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -480,6 +571,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
             state = state["model"]
         if looks_like_xmodaler(state):  # X-modaler's names, renamed by port.weights' one table
             state = from_xmodaler(state, model)
+        state = sharding.strip_compiled(state)  # a compiled model's own state_dict()
         missing, unexpected = model.load_state_dict(state, strict=False)
     problems = []
     if missing:

@@ -15,12 +15,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import checkpoint as ckpt
+from . import sharding
 from .config import Config, save_config
 from .events import Event, EventBus
 from .samplers import ResumableSampler, find_resumable_sampler
@@ -103,7 +105,13 @@ class Engine:
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        """Without DDP/compile wrappers; FSDP and ZeRO-3 shards: see `gathered_model()`."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def gathered_model(self) -> AbstractContextManager[torch.nn.Module]:
+        """The unwrapped model, whole on every process (FSDP, ZeRO-3 gather; collective), for
+        calls outside the wrapper's forward: generation, evaluation, exports."""
+        return sharding.gathered(self.accelerator, self.model)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -16,8 +16,14 @@ from typing import Any
 import accelerate
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    set_seed,
+)
 
+from . import sharding
 from .checkpoint import read_trainer_state
 from .config import Config, ConfigError, flatten, save_config
 from .errors import UserError
@@ -68,13 +74,16 @@ def make_accelerator(cfg: Config, log_with: Sequence[Any] = ()) -> Accelerator:
     Call `resolve_launcher_settings(cfg)` first (default_setup does): the config then holds the
     precision and accumulation that run, and the Accelerator is given exactly those."""
     check_process_count()
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        sharding.check_cpu_engine()
     timeout = datetime.timedelta(seconds=int(os.environ.get(DIST_TIMEOUT_ENV, 1800)))
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=list(log_with) or None,
         project_dir=cfg.output_dir,
-        cpu=not torch.cuda.is_available(),
+        cpu=cpu,
         step_scheduler_with_optimizer=False,
         # Pinned batches copied without blocking: fetching data never waits for the GPU.
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
@@ -87,6 +96,9 @@ def make_accelerator(cfg: Config, log_with: Sequence[Any] = ()) -> Accelerator:
             "process(es); on a CPU-only machine use torchrun or --num-gpus instead of "
             "`accelerate launch --num_processes`"
         )
+    if cpu and sharding.wants_fsdp():
+        sharding.fsdp_on_cpu(accelerator, cfg.mixed_precision)
+    sharding.check_engine_settings(cfg, accelerator)
     return accelerator
 
 
@@ -215,6 +227,7 @@ def default_setup(cfg: Config, args: argparse.Namespace | None = None) -> Accele
             clear_run_dir(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+    check_shared_output_dir(accelerator, output_dir)
     setup_logging(output_dir / "log.txt", accelerator.is_main_process)
     auto_scale_workers(cfg, accelerator.num_processes)
     logger.info("environment:\n%s", environment_info(accelerator))
@@ -228,6 +241,34 @@ def default_setup(cfg: Config, args: argparse.Namespace | None = None) -> Accele
     wandb_id = read_trainer_state(checkpoint).get("wandb_run_id") if checkpoint else None
     init_trackers(accelerator, cfg, wandb_run_id=wandb_id)
     return accelerator
+
+
+def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
+    """On several machines every process writes into output_dir (its RNG state in each
+    checkpoint; DeepSpeed its shards): check that all of them see the same folder (collective)."""
+    if int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) >= (
+        accelerator.num_processes
+    ):
+        return  # one machine
+    marker = output_dir / ".shared-check"
+    token = [os.urandom(8).hex() if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        marker.write_text(token[0])
+    broadcast_object_list(token)
+    try:
+        seen = marker.read_text() == token[0]
+    except OSError:
+        seen = False
+    blind = accelerator.gather(torch.tensor([float(not seen)], device=accelerator.device))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    if blind.sum().item() > 0:
+        raise ConfigError(
+            f"output_dir {output_dir} is not shared: {int(blind.sum().item())} process(es) on "
+            "other machines cannot see what rank 0 wrote there. Every process writes into each "
+            "checkpoint: put output_dir on a filesystem all machines mount (NFS, Lustre, ...)"
+        )
 
 
 # Settings given in epochs, and the step settings they become (X-modaler counts in epochs).
@@ -341,7 +382,8 @@ def environment_info(accelerator: Accelerator) -> str:
             f"accelerate   {accelerate.__version__}",
             f"cuda         {cuda}",
             f"devices      {devices}",
-            f"processes    {accelerator.num_processes} ({accelerator.distributed_type})",
+            f"processes    {accelerator.num_processes} ({sharding.engine_name(accelerator)})",
+            f"compile      {accelerator.state.dynamo_plugin.backend.value.lower()}",
             f"precision    {accelerator.mixed_precision}",
         ]
     )

@@ -129,7 +129,8 @@ class EvalHook:
         swap = self.ema.swapped(model) if self.ema is not None else contextlib.nullcontext()
         try:
             # Evaluation loaders draw from the global RNG: keep it where training left it.
-            with swap, torch.no_grad(), rng_kept():
+            # The EMA weights go into the (sharded) parameters first, then they are gathered.
+            with swap, engine.gathered_model(), torch.no_grad(), rng_kept():
                 results = self.eval_fn(engine)
         finally:
             model.train(was_training)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -102,6 +103,7 @@ class PreciseBN:
         """Recompute the statistics now (X-modaler's method; the hook calls it)."""
         if self.disabled:
             return
-        model = self.model if self.model is not None else self._engine.unwrapped_model
-        with rng_kept():  # its loader and dropout must not move the training RNG
+        # Under FSDP and ZeRO-3 the parameters are gathered for the duration; buffers persist.
+        gathered = self._engine.gathered_model() if self.model is None else nullcontext(self.model)
+        with rng_kept(), gathered as model:  # its loader and dropout keep the training RNG
             update_bn_stats(model, self.data_loader, self.num_iter, self.forward)

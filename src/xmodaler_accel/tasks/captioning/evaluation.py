@@ -76,7 +76,8 @@ class CaptionEvaluator:
         return gather_predictions(self.accelerator, ids, captions, list(self.references))
 
     def __call__(self, engine: Any) -> dict[str, dict[str, float]]:
-        predictions = self.predict(engine.unwrapped_model)
+        with engine.gathered_model() as model:
+            predictions = self.predict(model)
         result: list[Any] = [None]
         if self.accelerator.is_main_process:
             refs = {i: self.references[i] for i in predictions}

@@ -62,8 +62,9 @@ def scst_step(
         raise ValueError(f"sampler must be one of {SAMPLERS} and baseline one of {BASELINES}")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    model, n = engine.unwrapped_model, samples_per_image
-    with torch.no_grad():
+    n = samples_per_image
+    # Decoding calls the model's methods: FSDP and ZeRO-3 gather its parameters for it.
+    with torch.no_grad(), engine.gathered_model() as model:
         enc = model.encode(batch["features"], batch["boxes"], batch["region_mask"])
         tokens = _generate(model, enc, sampler, n, max_len, temperature)
         greedy_tokens = (

@@ -224,15 +224,10 @@ def itm_step(
     batch = clip_inputs(batch)
     size, device = len(batch["image_index"]), batch["image_index"].device
     candidates = negative_pool(size, pool, device)
-    groups = mine_negatives(
-        engine.unwrapped_model,
-        batch,
-        candidates,
-        count=negatives,
-        side=side,
-        hard=hard,
-        chunk=chunk,
-    )
+    with engine.gathered_model() as model:  # scoring outside the wrapper's forward
+        groups = mine_negatives(
+            model, batch, candidates, count=negatives, side=side, hard=hard, chunk=chunk
+        )
     anchors = torch.arange(size, device=device)[:, None]
     ones = torch.ones_like(anchors, dtype=torch.bool)
     image_rows = torch.cat([anchors, *(g[0] for g in groups)], dim=1)
