@@ -64,6 +64,7 @@ class Engine:
         self.device: torch.device = accelerator.device  # fixed for the accelerator's life
         self.world_size: int = accelerator.num_processes
         self.is_main_process: bool = accelerator.is_main_process
+        sharding.same_initial_weights(accelerator, model)  # as DDP does; FSDP does not
         self.model, self.optimizer, self.train_loader = accelerator.prepare(
             model, optimizer, train_loader
         )
@@ -109,8 +110,7 @@ class Engine:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def gathered_model(self) -> AbstractContextManager[torch.nn.Module]:
-        """The unwrapped model, whole on every process (FSDP, ZeRO-3 gather; collective), for
-        calls outside the wrapper's forward: generation, evaluation, exports."""
+        """The unwrapped model, whole on every process (collective), for generation and exports."""
         return sharding.gathered(self.accelerator, self.model)
 
     @property

@@ -135,6 +135,19 @@ def fsdp_on_cpu(accelerator: Any, mixed_precision: str) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def same_initial_weights(accelerator: Any, model: torch.nn.Module) -> None:
+    """Every process starts from the main process's weights (collective). DDP broadcasts them
+    itself; FSDP keeps each process's own shard of whatever model it was given, and processes
+    seeded apart (`seed + rank`) initialise differently."""
+    if accelerator.num_processes == 1 or not (is_fsdp(accelerator) or is_deepspeed(accelerator)):
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            moved = tensor.detach().to(accelerator.device)
+            torch.distributed.broadcast(moved, src=0)
+            tensor.copy_(moved)
+
+
 # ---------------------------------------------------------------- state dicts
 def strip_compiled(state: Mapping[str, Any]) -> dict[str, Any]:
     """Keys without torch.compile's `_orig_mod.` (a compiled model's own names)."""
