@@ -17,12 +17,15 @@ Reads top to bottom: config, data, model, step, engine, evaluation, hooks, run, 
 """
 
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader, Subset
 
-from xmodaler_accel import Engine, Event, build_train_loader, load_weights
+from xmodaler_accel import Engine, Event, build_train_loader, load_weights, sharding
+from xmodaler_accel.checkpoint import rng_kept
 from xmodaler_accel.config import ConfigError
 from xmodaler_accel.data import dataset_dir, load_tokenizer, open_dataset
 from xmodaler_accel.hooks import (
@@ -51,14 +54,18 @@ from xmodaler_accel.tasks.pretraining import (
 logger = logging.getLogger("xmodaler_accel.recipes.pretrain")
 
 
-def export(engine: Engine, directory: Path) -> None:
-    """Write the fine-tuning weights (`export_finetune_weights`) from the main process."""
-    with engine.gathered_model() as model:  # FSDP and ZeRO-3: whole weights on every process
-        if engine.is_main_process:
-            paths = export_finetune_weights(model, directory)
-            logger.info(
-                "fine-tuning weights at step %d: %s", engine.step, sorted(map(str, paths.values()))
-            )
+def export(engine: Engine, directory: Path, build_model: Callable[[], torch.nn.Module]) -> None:
+    """Write the fine-tuning weights (`export_finetune_weights`) from a plain copy of the model on
+    the main process, whatever engine trained it (FSDP and ZeRO-3 gather its weights)."""
+    weights = sharding.whole_weights(engine.accelerator, engine.model)  # every process calls it
+    if engine.is_main_process:
+        with rng_kept():  # building draws random initial weights
+            model = build_model()
+        model.load_state_dict(weights)
+        paths = export_finetune_weights(model, directory)
+        logger.info(
+            "fine-tuning weights at step %d: %s", engine.step, sorted(map(str, paths.values()))
+        )
     engine.accelerator.wait_for_everyone()
 
 
@@ -98,7 +105,8 @@ def main(args) -> None:
 
     # Model: understanding stream (model.single_stream) + generation stream (model.transformer).
     table = data["train"]
-    model = build_pretrain_model(
+    build_model = partial(
+        build_pretrain_model,
         cfg.model,
         feat_dim=table.features["features"].shape[1],
         vocab_size=len(tokenizer),
@@ -111,6 +119,7 @@ def main(args) -> None:
         else 0,
         max_len=cfg.data.max_seq_len,
     )
+    model = build_model()
     if cfg.model.weights:
         load_weights(model, cfg.model.weights)
 
@@ -155,7 +164,7 @@ def main(args) -> None:
     )
     eval_hook = EvalHook(evaluate, period=cfg.eval.every, start=cfg.eval.start).attach(engine)
     export_dir = Path(cfg.output_dir) / cfg.pretrain.export_dir
-    engine.on(Event.TRAIN_END, partial(export, directory=export_dir))
+    engine.on(Event.TRAIN_END, partial(export, directory=export_dir, build_model=build_model))
     PeriodicWriter(cfg.train.log_every).attach(engine)
 
     # Run: --resume continues from the newest checkpoint; --eval-only evaluates once, then
@@ -165,7 +174,7 @@ def main(args) -> None:
     if args.eval_only:
         eval_hook.evaluate(engine)
         if args.resume or cfg.model.weights:
-            export(engine, export_dir)
+            export(engine, export_dir, build_model)
         return
     engine.run()
     accelerator.end_training()

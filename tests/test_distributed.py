@@ -29,7 +29,7 @@ def two_process_run(tmp_path_factory):
 def test_two_processes_really_run_two(two_process_run):
     out, _ = two_process_run
     log = (out / "log.txt").read_text()
-    assert "processes    2 (DistributedType.MULTI_CPU)" in log
+    assert "processes    2 (DDP)" in log
 
 
 def test_two_processes_match_one_process_with_same_global_batch(tmp_path, two_process_run):

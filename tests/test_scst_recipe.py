@@ -117,7 +117,7 @@ def test_two_process_scst_agrees_with_one_process(xe_weights):
         cache=root / "cache",
         nproc=2,
     )
-    assert "processes    2 (DistributedType.MULTI_CPU)" in (root / "two" / "log.txt").read_text()
+    assert "processes    2 (DDP)" in (root / "two" / "log.txt").read_text()
     for key in ("loss", "reward", "baseline"):
         one, two = losses(root / "one", key), losses(root / "two", key)
         assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4]

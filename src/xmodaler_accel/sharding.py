@@ -1,13 +1,15 @@
 """What differs between Accelerate's engines, in one place: DDP (or one process), FSDP (FSDP2;
 FSDP1 on GPUs), DeepSpeed ZeRO-1/2/3 and `torch.compile`. The rest of the library is engine-blind:
 
-- `full_state` / `load_full_state`: the model and optimizer as plain, complete state dicts (the
-  same checkpoint resumes under any engine), through Accelerate's `get_state_dict` and PyTorch's
-  distributed state-dict API; DeepSpeed keeps its partitioned optimizer in its own folder.
+- `model_state` / `optimizer_state` and their `load_*`: the model and optimizer as whole state
+  dicts under parameter names (a DDP, FSDP or compiled checkpoint resumes under any of them),
+  through Accelerate's `get_state_dict` and PyTorch's distributed state-dict API (DeepSpeed's
+  partitioned optimizer stays DeepSpeed's: `checkpoint` gives it its own folder).
 - `gathered`: the unwrapped model with every parameter present on every process, for code that
   calls the model outside the wrapper's forward (generation, evaluation, EMA, exports).
 - `check_engine_settings`: settings an engine cannot honour are errors at start.
 - `fsdp_on_cpu`: Accelerate drops FSDP on a machine without GPUs; FSDP2 runs there on gloo.
+- `same_initial_weights`: every process starts from rank 0's initialisation, as under DDP.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ COMPILED_PREFIX = "_orig_mod."
 
 
 def engine_name(accelerator: Any) -> str:
-    """ "DDP", "FSDP2", "FSDP1", "DeepSpeed ZeRO-<stage>" or "one process"."""
+    """One of DDP, FSDP2, FSDP1, DeepSpeed ZeRO-<stage>, one process."""
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
         return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
@@ -50,9 +52,10 @@ def is_deepspeed(accelerator: Any) -> bool:
 # ---------------------------------------------------------------- settings
 def check_engine_settings(cfg: Any, accelerator: Any) -> None:
     """ConfigError naming the key and the engine for what the engine cannot do."""
+    if not (is_fsdp(accelerator) or is_deepspeed(accelerator)):
+        return  # DDP and one process do all a config can ask
     engine = engine_name(accelerator)
-    clip = cfg.train.clip_grad
-    if clip.mode == "value" and (is_fsdp(accelerator) or is_deepspeed(accelerator)):
+    if cfg.train.clip_grad.mode == "value":
         raise ConfigError(
             f"config key 'train.clip_grad.mode' is 'value', which {engine} cannot do (Accelerate "
             "clips by value under DDP or one process only): use train.clip_grad.mode=norm"
@@ -77,9 +80,11 @@ def _check_fsdp(plugin: Any) -> None:
 
 def _check_deepspeed(cfg: Any, accelerator: Any, engine: str) -> None:
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ours = float(cfg.train.clip_grad.max) if cfg.train.clip_grad.mode == "norm" else 0.0
+    if ds_config.get("gradient_clipping") == "auto":  # "auto": the script's value (else 1.0)
+        ds_config["gradient_clipping"] = ours
     ds_clip = float(ds_config.get("gradient_clipping", 0.0) or 0.0)
-    ours = cfg.train.clip_grad.max if cfg.train.clip_grad.mode == "norm" else 0.0
-    if ds_clip != float(ours):
+    if ds_clip != ours:
         raise ConfigError(
             f"config key 'train.clip_grad' asks for {ours or 'no'} gradient-norm clipping but "
             f"{engine} clips at its own gradient_clipping={ds_clip} (DeepSpeed clips inside "
@@ -158,6 +163,14 @@ def model_state(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Ten
     """The full model state dict on the main process (collective: FSDP and ZeRO-3 gather)."""
     state = accelerator.get_state_dict(model)
     return strip_compiled(state) if accelerator.is_main_process else {}
+
+
+def whole_weights(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model_state` under every name of each tied weight, ready for a plain copy's
+    `load_state_dict` (main process; collective)."""
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    state = model_state(accelerator, model)
+    return with_tied_copies(state, unwrapped) if accelerator.is_main_process else {}
 
 
 def optimizer_state(accelerator: Any, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:

@@ -57,12 +57,20 @@ class IterationTimer:
     def summary(self, engine: Any) -> None:
         if self.timed_steps:
             logger.info(
-                "training speed: %d steps in %.2f s (%.4f s/step, first %d steps not counted)",
+                "training speed: %d steps in %.2f s (%.4f s/step, first %d steps not counted)%s",
                 self.timed_steps,
                 self.total_time,
                 self.seconds_per_step,
                 self.warmup,
+                _peak_memory(engine.device),
             )
+
+
+def _peak_memory(device: torch.device) -> str:
+    """ "; peak GPU memory N MiB" (this process, since it started) on CUDA, else ""."""
+    if device.type != "cuda":
+        return ""
+    return f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
 
 
 class PeriodicWriter:
