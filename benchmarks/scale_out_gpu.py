@@ -7,7 +7,7 @@ Each engine runs `recipes/xe.py` through torchrun: 2N steps with a checkpoint at
 evaluation at the end (generation under the engine), then a copy of the run resumed from step N.
 Per engine it prints seconds per step, peak GPU memory, the evaluation's CIDEr and the largest
 difference between the final weights of the two runs (GPU kernels may be non-deterministic; on
-CPU the same check is bitwise, tests/test_scale_out.py). The last line is FSDP2 against DDP.
+CPU the same check is bitwise, tests/test_fsdp_multinode.py). The last line is FSDP2 against DDP.
 The model is coco.yaml's Transformer (d512, 6+6 layers, 50 regions x 2048) on the synthetic
 scenes, whose vocabulary is small (the logits layer is not COCO's 10k words).
 """

@@ -2,7 +2,7 @@
 processes (gloo) against itself killed and resumed, against DDP and against one process; two
 "machines" on one host. DeepSpeed needs GPUs (Accelerate selects it only for GPU backends): its
 checks are in benchmarks/scale_out_gpu.py; torch.compile and refused settings are in
-test_scale_out_settings.py."""
+test_compile_and_engine_settings.py."""
 
 import json
 import os
