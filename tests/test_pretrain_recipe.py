@@ -118,6 +118,24 @@ def test_retrieval_and_captioning_recipes_load_the_exported_weights(
     assert (tmp_path / "xe/eval/val_step0.json").is_file()
 
 
+def test_a_pretraining_checkpoint_as_fine_tuning_weights_names_the_export_file(
+    pretrained, cache_dir, tmp_path
+):
+    """What an X-modaler user does (pass the pretraining checkpoint) is answered in one line."""
+    single = [f"model.single_stream.{k}={v}" for k, v in SINGLE.items()]
+    checkpoint = pretrained / "checkpoints" / "step_32"
+    proc = run(
+        RECIPES / "retrieval.py", RECIPES / "synthetic_retrieval.yaml", cache_dir,
+        tmp_path / "retrieval", "model.kind=single_stream", f"model.weights={checkpoint}",
+        *single, pre=["--eval-only"],
+    )  # fmt: skip
+    assert proc.returncode == 2
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "a pretraining run's whole model" in error
+    assert f"model.weights={pretrained / 'export'}/<retrieval|vcr|encoder|captioner>" in error
+    assert "unexpected keys" not in error
+
+
 def exported(directory):
     from safetensors.torch import load_file
 

@@ -573,6 +573,8 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
             state = from_xmodaler(state, model)
         state = sharding.strip_compiled(state)  # a compiled model's own state_dict()
         missing, unexpected = model.load_state_dict(state, strict=False)
+    if (missing or unexpected) and strict:
+        _refuse_pretraining_checkpoint(path)
     problems = []
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
@@ -582,3 +584,18 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
         raise CheckpointError(f"weights {path} do not match the model; " + "; ".join(problems))
     for problem in problems:
         logger.warning("weights %s: %s", path, problem)
+
+
+def _refuse_pretraining_checkpoint(path: Path) -> None:
+    """A pretraining run's checkpoint holds its whole two-stream model; fine-tuning takes one of
+    the files its export writes (X-modaler users pass the checkpoint itself)."""
+    config = read_checkpoint_config(path.parent) if path.name == MODEL_FILE else None
+    if not config or "pretrain" not in config:
+        return
+    export = Path(config["output_dir"]) / config["pretrain"].get("export_dir", "export")
+    raise CheckpointError(
+        f"weights {path} are a pretraining run's whole model: fine-tune from the part your "
+        f"model takes, model.weights={export}/<retrieval|vcr|encoder|captioner>.safetensors "
+        f"(written at the end of pretraining, or by `python recipes/pretrain.py --config "
+        f"{path.parent / CONFIG_FILE} --eval-only model.weights={path.parent}`)"
+    )
