@@ -241,6 +241,23 @@ def test_vcr_round_trip_expands_tags_and_links_regions(tmp_path):
     assert read_meta(out)["image_key"] == "img_fn"
 
 
+def test_conceptual_captions_files_convert_with_pretrain_yamls_command(tmp_path):
+    """recipes/pretrain.yaml's awk line turns Google's `caption<TAB>url` into `image<TAB>caption`."""
+    yaml_text = (Path(__file__).parents[1] / "recipes" / "pretrain.yaml").read_text()
+    awk = next(ln for ln in yaml_text.splitlines() if "awk" in ln and "Train_GCC" in ln)
+    command = awk.lstrip("# ").strip()
+    (tmp_path / "Train_GCC-training.tsv").write_text(
+        "a dog runs on the beach\thttp://example.com/a.jpg\nred bus, parked\thttp://x.org/b.jpg\n"
+    )
+    subprocess.run(command, shell=True, cwd=tmp_path, check=True)
+    write_npz(tmp_path / "feats", ["000000000", "000000001"])
+    out = convert_pairs({"train": tmp_path / "cc_train.tsv"}, tmp_path / "feats", tmp_path / "cc",
+                        wordpiece_size=120, progress=False)  # fmt: skip
+    data = load_from_disk(str(out))
+    assert data["train"]["image_id"] == [0, 1]
+    assert data["train"][1]["captions"] == ["red bus parked"]
+
+
 def test_pairs_round_trip_groups_captions_per_image(tmp_path):
     (tmp_path / "train.tsv").write_text(
         "image_id\tcaption\n5.jpg#0\tA red bus.\n6.jpg#0\tTwo dogs play\n5.jpg#1\tA bus, parked.\n"
@@ -736,6 +753,9 @@ def _bad_pairs(tmp_path: Path, case: str) -> tuple[list[str], str]:
     if case == "jsonl-utf16":
         jsonl.write_text(first, encoding="utf-16")
         return [f"train={jsonl}"], r"train.jsonl:1: not UTF-8 \(it looks like UTF-16\)"
+    if case == "tsv-conceptual-captions-columns":  # Google's Train_GCC-training.tsv
+        tsv.write_text("a very typical bus station\thttp://example.com/5.jpg\n")
+        return [f"train={tsv}"], r"train.tsv:1: the second column is a URL: .*caption<TAB>url"
     assert case == "empty-val-file"
     tsv.write_text("5.jpg#0\tA red bus.\n")
     (tmp_path / "val.tsv").write_text("image_id\tcaption\n\n")
@@ -750,6 +770,7 @@ PAIRS_CASES = [
     "jsonl-not-an-object",
     "tsv-empty-image-name",
     "tsv-not-utf8",
+    "tsv-conceptual-captions-columns",
     "jsonl-utf16",
     "empty-val-file",
 ]

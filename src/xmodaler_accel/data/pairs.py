@@ -98,6 +98,12 @@ def read_pairs(path: str | Path) -> list[tuple[int, str, str]]:
             if line_no == 1 and parts[0].strip().lower() in ("image_id", "image"):
                 continue  # header
             image, caption = parts
+            if caption.strip().startswith(("http://", "https://")):
+                raise MalformedLineError(
+                    f"{where}: the second column is a URL: this looks like Conceptual Captions' "
+                    "`caption<TAB>url` file; give `image<TAB>caption` lines, the image named as "
+                    "its features are (recipes/pretrain.yaml shows the command)"
+                )
         if not pair_key(image):
             raise MalformedLineError(
                 f"{where}: image name {image!r:.40} is empty; expected e.g. '1000268201.jpg#0'"
