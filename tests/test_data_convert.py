@@ -817,3 +817,21 @@ def test_cli_process_exits_2_with_one_line_for_a_broken_vcr_line(tmp_path):
     assert "Traceback" not in done.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert f"{annotations[0]}:2: answer_choices is 5, expected a list of 4 choices" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("command", "needs"),
+    [
+        ("karpathy", ["sentences", "cocoid", "restval"]),
+        ("xmodaler", ["mscoco_caption_anno_", "vocabulary.txt", "captions_{val,test}5k.json"]),
+        ("vcr", ["answer_choices", "img_fn", "vocab.txt"]),
+        ("pairs", ["image<TAB>caption", '"caption"', "caption<TAB>url"]),
+    ],
+)
+def test_each_converter_help_says_which_files_and_keys_it_needs(command, needs, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        convert_main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for word in [*needs, "example:", f"convert {command} --", "<key>.npz", "base64", "--float16"]:
+        assert word in text, word

@@ -20,6 +20,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,72 @@ from .errors import DataError
 from .pairs import convert_pairs
 from .synthetic import synthetic_dir
 from .vcr import VCR_IMAGE_KEYS, convert_vcr
+
+# What each input needs, shown by `<command> --help` (the region features are common to all).
+FEATURES_HELP = """region features (--features), one entry per image, named by the image's key:
+  folder of .npz     <key>.npz with arrays features [N, D] (required), boxes [N, 4] (pixels
+                     x1 y1 x2 y2), image_h, image_w, cls_prob [N, C] (optional); a single-array
+                     npz holds features only (X-modaler's up_down folders)
+  bottom-up TSV      columns image_id image_w image_h num_boxes boxes features (base64
+                     float32; other orders: --tsv-fields), cls_prob optional; several files ok
+  HDF5 (.h5/.hdf5)   datasets <key>_features, <key>_boxes, <key>_cls_prob (meshed-memory), or
+                     one group <key> holding features, boxes, ...
+--float16 halves the disk size (COCO's 123k images x 50 x 2048 regions: ~25 GB instead of ~50)."""
+
+COMMAND_HELP = {
+    "karpathy": """Karpathy split JSON (dataset_coco.json / dataset_flickr30k.json) + region features.
+
+annotations: {"images": [{"split": "train|restval|val|test", "sentences": [{"tokens": [...],
+  "raw": "..."}], "cocoid": 391895, "filename": "COCO_val2014_000000391895.jpg", ...}]};
+  restval joins train. The image's feature key is its cocoid when present, else the file name
+  without extension (--feature-key to choose).
+
+example:
+  python -m xmodaler_accel.data.convert karpathy --annotations dataset_coco.json \\
+      --features mscoco/features/up_down --output data/coco --min-count 5 --float16""",
+    "xmodaler": """X-modaler's own data folder (what its configs read) + its npz features.
+
+annotations: a folder with mscoco_caption_anno_{train,val,test}.pkl (lists of {image_id,
+  tokens_ids, target_ids}), vocabulary.txt (one word per line) and, for val/test scoring,
+  captions_{val,test}5k.json (COCO format). Features: <image_id>.npz as X-modaler reads them.
+
+example:
+  python -m xmodaler_accel.data.convert xmodaler --annotations mscoco_dataset \\
+      --features mscoco_dataset/features/up_down --output data/coco_xmodaler""",
+    "vcr": """VCR's train/val/test.jsonl + region features of its images.
+
+annotations: one JSON object per line with question, answer_choices, rationale_choices (token
+  lists where [i] names detection i), objects (class names), img_fn ("lsmdc_.../x.jpg"),
+  answer_label and rationale_label (train/val). The feature key is img_fn without extension
+  (--image-key basename: its file name alone; img_id: the img_id field).
+  --vocab: BERT's vocab.txt (bert-base-uncased) so that pretrained weights fit.
+
+example:
+  python -m xmodaler_accel.data.convert vcr --annotations vcr1annots/train.jsonl \\
+      vcr1annots/val.jsonl --features vcr_features.h5 --vocab bert-base-uncased/vocab.txt \\
+      --output data/vcr""",
+    "pairs": """Image-text pairs (retrieval, pretraining) + region features.
+
+--pairs SPLIT=FILE: a TSV of image<TAB>caption lines (an optional header image_id<TAB>caption),
+  or a .jsonl file of {"image_id": ..., "caption": ...} objects. Several captions of one image
+  are grouped. The feature key is the image name without extension and Flickr's "#n"
+  (1000268201.jpg#0 -> 1000268201). Conceptual Captions' Google TSVs are caption<TAB>url: see
+  recipes/pretrain.yaml for the one-line conversion.
+
+example:
+  python -m xmodaler_accel.data.convert pairs --pairs train=cc_train.tsv val=cc_val.tsv \\
+      --features cc/features/up_down --vocab bert-base-uncased/vocab.txt --output data/cc""",
+}
+
+
+def _command(commands: Any, name: str, summary: str) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=COMMAND_HELP[name],
+        epilog=FEATURES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    karpathy = commands.add_parser("karpathy", help="Karpathy split JSON + region features")
+    karpathy = _command(commands, "karpathy", "Karpathy split JSON + region features")
     karpathy.add_argument("--annotations", required=True, type=Path, help="dataset_coco.json")
     karpathy.add_argument("--min-count", type=int, default=5, help="vocabulary minimum count")
     karpathy.add_argument(
@@ -78,15 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     karpathy.add_argument("--wordpiece-size", type=int, default=None, help="also train WordPiece")
     _common(karpathy)
-    xmodaler.add_parser(commands, _common)
+    xmodaler.add_parser(commands, _common, partial(_command, name="xmodaler"))
 
-    vcr = commands.add_parser("vcr", help="VCR train/val/test.jsonl + region features")
+    vcr = _command(commands, "vcr", "VCR train/val/test.jsonl + region features")
     vcr.add_argument("--annotations", required=True, nargs="+", type=Path)
     vcr.add_argument("--image-key", default="img_fn", choices=list(VCR_IMAGE_KEYS))
     _bert(vcr)
     _common(vcr)
 
-    pairs = commands.add_parser("pairs", help="image-text pairs (TSV or JSONL) + features")
+    pairs = _command(commands, "pairs", "image-text pairs (TSV or JSONL) + features")
     pairs.add_argument(
         "--pairs", required=True, nargs="+", help="SPLIT=PATH (or PATH alone for train)"
     )

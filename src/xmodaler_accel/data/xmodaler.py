@@ -201,10 +201,15 @@ def convert_xmodaler(
     )
 
 
-def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    """The `xmodaler` sub-command of `python -m xmodaler_accel.data.convert`."""
-    parser = commands.add_parser(
-        "xmodaler", help="X-modaler's mscoco_caption_anno_*.pkl + vocabulary.txt + npz features"
+def add_parser(
+    commands: Any,
+    common: Callable[[argparse.ArgumentParser], None],
+    make: Callable[..., argparse.ArgumentParser],
+) -> None:
+    """The `xmodaler` sub-command of `python -m xmodaler_accel.data.convert` (`make` adds it
+    with the converter's description of the input)."""
+    parser = make(
+        commands, summary="X-modaler's mscoco_caption_anno_*.pkl + vocabulary.txt + npz features"
     )
     parser.add_argument(
         "--annotations", required=True, type=Path, help="folder of mscoco_caption_anno_*.pkl"
