@@ -8,6 +8,12 @@ detectron2 (`HookBase` with `before_step/after_step`, `self.trainer`) plugs in t
 `register_hooks` without edits.
 """
 
+from xmodaler_accel.cli import default_argument_parser
+
+# The command line first: --help and a mistyped flag answer before torch and the models load.
+if __name__ == "__main__":
+    args = default_argument_parser(epilog=__doc__).parse_args()
+
 import time
 from functools import partial
 
@@ -26,12 +32,7 @@ from xmodaler_accel.hooks import (
     register_hooks,
 )
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import (
-    default_argument_parser,
-    default_setup,
-    launch,
-    resolve_epochs,
-)
+from xmodaler_accel.setup import default_setup, launch, resolve_epochs
 from xmodaler_accel.tasks.captioning import (
     CaptionDataset,
     CaptionEvaluator,
@@ -176,7 +177,6 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    args = default_argument_parser(epilog=__doc__).parse_args()
     # --num-gpus N starts N processes here (--num-machines/--machine-rank/--dist-url: several
     # machines); under `accelerate launch` or `torchrun` the launcher has started them.
     launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))

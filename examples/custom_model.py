@@ -8,6 +8,12 @@ Any `CaptionModel` works with the XE and SCST steps, beam search and the evaluat
 `decode_step`. `model.weights=` loads weights saved by this script (`--eval-only` scores them).
 """
 
+from xmodaler_accel.cli import default_argument_parser
+
+# The command line first: --help and a mistyped flag answer before torch and the models load.
+if __name__ == "__main__":
+    args = default_argument_parser(epilog=__doc__).parse_args()
+
 from functools import partial
 
 import torch
@@ -28,12 +34,7 @@ from xmodaler_accel.hooks import (
 from xmodaler_accel.masking import masked_mean
 from xmodaler_accel.models import CaptionModel, EncoderOutput
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import (
-    default_argument_parser,
-    default_setup,
-    launch,
-    resolve_epochs,
-)
+from xmodaler_accel.setup import default_setup, launch, resolve_epochs
 from xmodaler_accel.tasks.captioning import (
     CaptionDataset,
     CaptionEvaluator,
@@ -189,7 +190,6 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    args = default_argument_parser(epilog=__doc__).parse_args()
     # --num-gpus N starts N processes here (--num-machines/--machine-rank/--dist-url: several
     # machines); under `accelerate launch` or `torchrun` the launcher has started them.
     launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))

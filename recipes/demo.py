@@ -1,9 +1,10 @@
 """`make demo`: build the synthetic scenes, train a captioner with XE then SCST, print test metrics.
 
-    python recipes/demo.py [--config recipes/synthetic.yaml] [--output output/demo]
+    python recipes/demo.py [--config recipes/synthetic.yaml] [--output output/demo] [--print-config]
 
 Runs the two recipes as a user would (each a separate process), then scores the best constant
 caption (the best of the 30 most frequent training captions) on the same test split for scale.
+--print-config prints the config of each of the two runs (two YAML documents) and exits.
 """
 
 from __future__ import annotations
@@ -16,11 +17,6 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-
-from xmodaler_accel.checkpoint import latest_checkpoint
-from xmodaler_accel.data import open_dataset
-from xmodaler_accel.metrics import score_captions
-from xmodaler_accel.tasks.captioning import load_caption_config
 
 RECIPES = Path(__file__).resolve().parent
 SHOWN = ("Bleu_4", "ROUGE_L", "CIDEr")
@@ -43,6 +39,10 @@ def final_metrics(output_dir: Path, split: str = "test") -> dict[str, float]:
 
 def constant_caption_metrics(config: str, candidates: int = 30) -> tuple[str, dict[str, float]]:
     """The best of the most frequent training captions, used as the caption of every test image."""
+    from xmodaler_accel.data import open_dataset
+    from xmodaler_accel.metrics import score_captions
+    from xmodaler_accel.tasks.captioning import load_caption_config
+
     data = open_dataset(load_caption_config(config))
     counts = Counter(c for caps in data["train"]["captions"] for c in caps)
     test = data["test"]
@@ -59,8 +59,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=str(RECIPES / "synthetic.yaml"))
     parser.add_argument("--output", default="output/demo")
+    parser.add_argument("--print-config", action="store_true", help="print both runs' configs")
     args = parser.parse_args()
     xe_dir, scst_dir = Path(args.output) / "xe", Path(args.output) / "scst"
+    if args.print_config:
+        print_configs(args.config, xe_dir, scst_dir)
+        return
+    from xmodaler_accel.checkpoint import latest_checkpoint  # torch: after the command line
 
     # The demo starts afresh each time: --overwrite replaces its previous runs.
     xe_time = run("xe.py", "--config", args.config, "--overwrite", f"output_dir={xe_dir}")
@@ -86,6 +91,17 @@ def main() -> None:
     print(
         f"(best constant caption: {caption!r}, the best of the 30 most frequent training captions)"
     )
+
+
+def print_configs(config: str, xe_dir: Path, scst_dir: Path) -> None:
+    """What each run would write to its config.yaml (the recipes' --print-config)."""
+    weights = xe_dir / "checkpoints" / "<newest>"  # known once XE has run
+    for script, *overrides in (
+        ("xe.py", f"output_dir={xe_dir}"),
+        ("scst.py", f"model.weights={weights}", f"output_dir={scst_dir}"),
+    ):
+        print(f"--- # recipes/{script}", flush=True)
+        run(script, "--config", config, "--print-config", *overrides)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ fine-tuning model reports the keys that do not belong there by name.
 Reads top to bottom: config, data, model, step, engine, evaluation, hooks, run, export.
 """
 
+from xmodaler_accel.cli import default_argument_parser
+
+# The command line first: --help and a mistyped flag answer before torch and the models load.
+if __name__ == "__main__":
+    args = default_argument_parser(epilog=__doc__).parse_args()
+
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -37,12 +43,7 @@ from xmodaler_accel.hooks import (
 )
 from xmodaler_accel.models.pretrain import build_pretrain_model, export_finetune_weights
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import (
-    default_argument_parser,
-    default_setup,
-    launch,
-    resolve_epochs,
-)
+from xmodaler_accel.setup import default_setup, launch, resolve_epochs
 from xmodaler_accel.tasks.pretraining import (
     PretrainPairs,
     collate_pretrain,
@@ -181,7 +182,6 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    args = default_argument_parser(epilog=__doc__).parse_args()
     # --num-gpus N starts N processes here (--num-machines/--machine-rank/--dist-url: several
     # machines); under `accelerate launch` or `torchrun` the launcher has started them.
     launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))

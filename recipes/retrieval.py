@@ -10,6 +10,12 @@ each pair against in-batch negatives, random or mined by the model (train.hard_n
 Reads top to bottom: config, data, model, step, engine, evaluation, hooks, run.
 """
 
+from xmodaler_accel.cli import default_argument_parser
+
+# The command line first: --help and a mistyped flag answer before torch and the models load.
+if __name__ == "__main__":
+    args = default_argument_parser(epilog=__doc__).parse_args()
+
 import logging
 from functools import partial
 
@@ -31,12 +37,7 @@ from xmodaler_accel.hooks import (
 )
 from xmodaler_accel.models.retrieval import build_retrieval_model, build_two_stream
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import (
-    default_argument_parser,
-    default_setup,
-    launch,
-    resolve_epochs,
-)
+from xmodaler_accel.setup import default_setup, launch, resolve_epochs
 from xmodaler_accel.tasks.retrieval import (
     EvalSettings,
     RetrievalSplit,
@@ -170,7 +171,6 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    args = default_argument_parser(epilog=__doc__).parse_args()
     # --num-gpus N starts N processes here (--num-machines/--machine-rank/--dist-url: several
     # machines); under `accelerate launch` or `torchrun` the launcher has started them.
     launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))

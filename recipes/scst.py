@@ -10,6 +10,12 @@ section sets the step: sampler, baseline, samples per image, reward weights. The
 on token ids against the training references (document frequencies cached next to the dataset).
 """
 
+from xmodaler_accel.cli import default_argument_parser
+
+# The command line first: --help and a mistyped flag answer before torch and the models load.
+if __name__ == "__main__":
+    args = default_argument_parser(epilog=__doc__).parse_args()
+
 from functools import partial
 
 from xmodaler_accel import Engine, build_train_loader
@@ -23,12 +29,7 @@ from xmodaler_accel.hooks import (
     PeriodicWriter,
 )
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import (
-    default_argument_parser,
-    default_setup,
-    launch,
-    resolve_epochs,
-)
+from xmodaler_accel.setup import default_setup, launch, resolve_epochs
 from xmodaler_accel.tasks.captioning import (
     CaptionEvaluator,
     SCSTTimeSplit,
@@ -139,7 +140,6 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    args = default_argument_parser(epilog=__doc__).parse_args()
     # --num-gpus N starts N processes here (--num-machines/--machine-rank/--dist-url: several
     # machines); under `accelerate launch` or `torchrun` the launcher has started them.
     launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))

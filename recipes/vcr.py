@@ -11,6 +11,12 @@ vcr.mode=alternate updates on each in turn as X-modaler does. Evaluation reports
 Q->AR (both right). Reads top to bottom: config, data, model, step, engine, evaluation, hooks, run.
 """
 
+from xmodaler_accel.cli import default_argument_parser
+
+# The command line first: --help and a mistyped flag answer before torch and the models load.
+if __name__ == "__main__":
+    args = default_argument_parser(epilog=__doc__).parse_args()
+
 from functools import partial
 
 from xmodaler_accel import Engine, build_train_loader, load_weights
@@ -25,12 +31,7 @@ from xmodaler_accel.hooks import (
 from xmodaler_accel.models.vcr import build_vcr_model
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
 from xmodaler_accel.second_loader import SecondLoader
-from xmodaler_accel.setup import (
-    default_argument_parser,
-    default_setup,
-    launch,
-    resolve_epochs,
-)
+from xmodaler_accel.setup import default_setup, launch, resolve_epochs
 from xmodaler_accel.tasks.vcr import (
     VCRSplit,
     VCRTaskDataset,
@@ -123,7 +124,6 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    args = default_argument_parser(epilog=__doc__).parse_args()
     # --num-gpus N starts N processes here (--num-machines/--machine-rank/--dist-url: several
     # machines); under `accelerate launch` or `torchrun` the launcher has started them.
     launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))

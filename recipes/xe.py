@@ -7,6 +7,12 @@ Reads top to bottom: config, data, model, step, engine, evaluation, hooks, run. 
 your own experiment: every piece below is a library call you can swap for your own.
 """
 
+from xmodaler_accel.cli import default_argument_parser
+
+# The command line first: --help and a mistyped flag answer before torch and the models load.
+if __name__ == "__main__":
+    args = default_argument_parser(epilog=__doc__).parse_args()
+
 from functools import partial
 
 from xmodaler_accel import Engine, build_train_loader
@@ -22,12 +28,7 @@ from xmodaler_accel.hooks import (
     ScheduledSampling,
 )
 from xmodaler_accel.optim import build_lr_scheduler, build_optimizer
-from xmodaler_accel.setup import (
-    default_argument_parser,
-    default_setup,
-    launch,
-    resolve_epochs,
-)
+from xmodaler_accel.setup import default_setup, launch, resolve_epochs
 from xmodaler_accel.tasks.captioning import (
     CaptionDataset,
     CaptionEvaluator,
@@ -142,7 +143,6 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    args = default_argument_parser(epilog=__doc__).parse_args()
     # --num-gpus N starts N processes here (--num-machines/--machine-rank/--dist-url: several
     # machines); under `accelerate launch` or `torchrun` the launcher has started them.
     launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))

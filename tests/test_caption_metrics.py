@@ -1,4 +1,5 @@
-"""Caption metrics equal coco-caption's (pycocoevalcap) on real Flickr8k captions."""
+"""Caption metrics equal coco-caption's (pycocoevalcap): always on the checked-in caption fixture
+(tests/fixtures/captions), and on the Flickr8k test split where ../shared/data/flickr8k exists."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,15 @@ from xmodaler_accel.metrics import SPICE_UNAVAILABLE, score_captions, tokenize_l
 from xmodaler_accel.metrics import meteor as meteor_module
 from xmodaler_accel.metrics.rouge import lcs_length
 
-FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+FLICKR8K = Path(
+    os.environ.get(
+        "XMODALER_FLICKR8K",
+        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k",
+    )
+)
+CAPTIONS_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "captions" / "captions.json"
 needs_flickr8k = pytest.mark.skipif(not FLICKR8K.exists(), reason=f"{FLICKR8K} is absent")
+SOURCES = ["fixture", pytest.param("flickr8k", marks=needs_flickr8k)]
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed")
 TOL = 1e-6
 
@@ -50,20 +59,47 @@ def _flickr8k(split: str) -> dict[str, list[str]]:
     return {name: captions[name] for name in names if name in captions}
 
 
-@pytest.fixture(scope="module")
-def test_split() -> dict[str, list[str]]:
-    if not FLICKR8K.exists():
-        pytest.skip(f"{FLICKR8K} is absent")
-    return _flickr8k("test")
+@dataclass(frozen=True)
+class Captions:
+    """An image set's reference captions and written candidates (none for Flickr8k)."""
+
+    references: dict[str, list[str]]
+    candidates: dict[str, list[str]]
 
 
-def _candidates(split: dict[str, list[str]], mode: str) -> tuple[dict, dict]:
-    """Each image's first caption (or a shuffled image's) against its other four."""
-    images = list(split)
-    donors = images[:]
+def _fixture_captions() -> Captions:
+    """The checked-in fixture (make_captions.py): 1-7 references, 1-3 candidates per image."""
+    images = json.loads(CAPTIONS_FIXTURE.read_text(encoding="utf8"))["images"]
+    assert len(images) >= 100
+    return Captions(
+        {x["image"]: x["references"] for x in images},
+        {x["image"]: x["candidates"] for x in images},
+    )
+
+
+@pytest.fixture(scope="module", params=SOURCES)
+def captions(request) -> Captions:
+    if request.param == "flickr8k":
+        return Captions(_flickr8k("test"), {})
+    return _fixture_captions()
+
+
+def _candidates(data: Captions, mode: str) -> tuple[dict, dict]:
+    """Candidates and their references under the same keys: each written candidate against its
+    image's references (Flickr8k: each image's first caption against its other four); with
+    "shuffled", each key's candidate is that of another (shuffled) key instead."""
+    if data.candidates:
+        pairs = [(f"{i}#{k}", i, c) for i, cs in data.candidates.items() for k, c in enumerate(cs)]
+        own = {key: c for key, _, c in pairs}
+        refs = {key: data.references[i] for key, i, _ in pairs}
+    else:
+        own = {i: caps[0] for i, caps in data.references.items()}
+        refs = {i: caps[1:] for i, caps in data.references.items()}
+    keys = list(own)
+    donors = keys[:]
     random.Random(0).shuffle(donors)
-    pick = dict(zip(images, donors)) if mode == "shuffled" else {i: i for i in images}
-    return {i: split[pick[i]][0] for i in images}, {i: split[i][1:] for i in images}
+    pick = dict(zip(keys, donors)) if mode == "shuffled" else {k: k for k in keys}
+    return {k: own[pick[k]] for k in keys}, refs
 
 
 def _coco_caption(preds: dict, refs: dict, with_meteor: bool = False) -> dict[str, float]:
@@ -86,23 +122,24 @@ def _coco_caption(preds: dict, refs: dict, with_meteor: bool = False) -> dict[st
 
 
 @needs_java
-def test_ptb_tokenizer_matches_coco_caption_token_for_token(test_split):
+def test_ptb_tokenizer_matches_coco_caption_token_for_token(captions):
     pytest.importorskip("pycocoevalcap")
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    captions = [c for caps in test_split.values() for c in caps] + RAW_CAPTIONS
-    java = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
-    ours = tokenize_lines(captions)
-    mismatches = [(c, java[i][0], ours[i]) for i, c in enumerate(captions) if java[i][0] != ours[i]]
+    written = [c for caps in captions.candidates.values() for c in caps]
+    lines = [c for caps in captions.references.values() for c in caps] + written + RAW_CAPTIONS
+    java = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(lines)})
+    ours = tokenize_lines(lines)
+    mismatches = [(c, java[i][0], ours[i]) for i, c in enumerate(lines) if java[i][0] != ours[i]]
     assert not mismatches, mismatches[:5]
-    assert len(captions) >= 5000
+    assert len(lines) >= 5 * len(captions.references)
 
 
 @needs_java
-@pytest.mark.parametrize("mode", ["first_vs_rest", "shuffled"])
-def test_bleu_rouge_cider_equal_coco_caption_on_flickr8k(test_split, mode):
+@pytest.mark.parametrize("mode", ["own", "shuffled"])
+def test_bleu_rouge_cider_equal_coco_caption(captions, mode):
     pytest.importorskip("pycocoevalcap")
-    preds, refs = _candidates(test_split, mode)
+    preds, refs = _candidates(captions, mode)
     ours = score_captions(preds, refs, ("bleu", "rouge", "cider"))
     theirs = _coco_caption(preds, refs)
     assert list(ours) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"]
@@ -111,28 +148,37 @@ def test_bleu_rouge_cider_equal_coco_caption_on_flickr8k(test_split, mode):
 
 
 @needs_java
-def test_edge_captions_equal_coco_caption(test_split):
+def test_edge_captions_equal_coco_caption(captions):
     pytest.importorskip("pycocoevalcap")
-    images = list(test_split)[:60]
-    odd = ["", ".", "a a a a a a dog dog dog", " ".join(test_split[images[0]]), "The  END!!"]
+    references = captions.references
+    images = list(references)[:60]
+    odd = ["", ".", "a a a a a a dog dog dog", " ".join(references[images[0]]), "The  END!!"]
     preds = {
         i: (odd[k] if k < len(odd) else RAW_CAPTIONS[k % len(RAW_CAPTIONS)])
         for k, i in enumerate(images)
     }
-    refs = {i: test_split[i] for i in images}
+    refs = {i: references[i] for i in images}
     ours = score_captions(preds, refs, ("bleu", "rouge", "cider"))
     for name, value in _coco_caption(preds, refs).items():
         assert ours[name] == pytest.approx(value, abs=TOL), name
 
 
+def _meteor_pairs(data: Captions) -> tuple[dict, dict]:
+    """The fixture's written candidates (unrelated ones among them); Flickr8k's first 200
+    images, alternately their first caption and a shuffled image's."""
+    own, refs = _candidates(data, "own")
+    if data.candidates:
+        return own, refs
+    shuffled, _ = _candidates(data, "shuffled")
+    keys = list(refs)[:200]
+    preds = {i: (own[i] if k % 2 else shuffled[i]) for k, i in enumerate(keys)}
+    return preds, {i: refs[i] for i in keys}
+
+
 @needs_java
-def test_meteor_equals_coco_caption_on_200_captions(test_split):
+def test_meteor_equals_coco_caption(captions):
     pytest.importorskip("pycocoevalcap")
-    first, refs = _candidates(test_split, "first_vs_rest")
-    shuffled, _ = _candidates(test_split, "shuffled")
-    images = list(test_split)[:200]
-    preds = {i: (first[i] if k % 2 else shuffled[i]) for k, i in enumerate(images)}
-    refs = {i: refs[i] for i in images}
+    preds, refs = _meteor_pairs(captions)
     ours = score_captions(preds, refs, ("meteor",))
     assert ours["METEOR"] == pytest.approx(_coco_caption(preds, refs, True)["METEOR"], abs=TOL)
 
@@ -209,7 +255,7 @@ def test_evaluate_modules_load_offline_from_package_files():
 
 
 @needs_java
-def test_evaluator_scores_against_raw_references_as_coco_caption(test_split):
+def test_evaluator_scores_against_raw_references_as_coco_caption(captions):
     """The captioning evaluator scores against the references as written (PTB-tokenised by
     score_captions), so its numbers equal coco-caption's on raw references; the normalised
     `captions` column would not ("t-shirt", "man 's", "cannot" are normalised differently)."""
@@ -219,7 +265,7 @@ def test_evaluator_scores_against_raw_references_as_coco_caption(test_split):
     from xmodaler_accel.data.converters import normalise_caption
     from xmodaler_accel.tasks.captioning.evaluation import reference_captions
 
-    preds, raw_refs = _candidates(test_split, "first_vs_rest")
+    preds, raw_refs = _candidates(captions, "own")
     ids = {name: k for k, name in enumerate(raw_refs)}
     table = Dataset.from_dict(
         {

@@ -1,7 +1,11 @@
-"""Vectorised CIDEr-D / BLEU-4 rewards equal the per-candidate formulas on Flickr8k."""
+"""Vectorised CIDEr-D / BLEU-4 rewards equal the per-candidate formulas and pycocoevalcap: always
+on the checked-in caption fixture (tests/fixtures/captions), and on Flickr8k where
+../shared/data/flickr8k exists."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from pathlib import Path
 
@@ -16,7 +20,15 @@ from xmodaler_accel.scoring.bleu import bleu_counts, sentence_bleu
 from xmodaler_accel.scoring.ngrams import EXACT_BASE, HASH_BASE
 from xmodaler_accel.scoring.tensors import as_token_array
 
-FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+FLICKR8K = Path(
+    os.environ.get(
+        "XMODALER_FLICKR8K",
+        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k",
+    )
+)
+CAPTIONS_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "captions" / "captions.json"
+needs_flickr8k = pytest.mark.skipif(not FLICKR8K.exists(), reason=f"{FLICKR8K} is absent")
+SOURCES = ["fixture", pytest.param("flickr8k", marks=needs_flickr8k)]
 EOS, PAD = 0, 1
 TOL = 1e-9
 
@@ -31,12 +43,21 @@ def _flickr8k(split: str) -> dict[str, list[str]]:
     return {name: captions[name] for name in names if name in captions}
 
 
-@pytest.fixture(scope="module")
-def train() -> tuple[list[str], list[list[list[int]]], int]:
-    """Train split as token ids (0 = EOS, 1 = pad): image names, refs, vocabulary size."""
-    if not FLICKR8K.exists():
-        pytest.skip(f"{FLICKR8K} is absent")
-    split = _flickr8k("train")
+def _fixture() -> list[dict]:
+    """The checked-in fixture's images: references (1-7) and written candidates (1-3)."""
+    images = json.loads(CAPTIONS_FIXTURE.read_text(encoding="utf8"))["images"]
+    assert len(images) >= 100
+    return images
+
+
+@pytest.fixture(scope="module", params=SOURCES)
+def train(request) -> tuple[list[str], list[list[list[int]]], int]:
+    """Train split (the fixture's references) as token ids (0 = EOS, 1 = pad): image names, refs,
+    vocabulary size."""
+    if request.param == "flickr8k":
+        split = _flickr8k("train")
+    else:
+        split = {x["image"]: x["references"] for x in _fixture()}
     words = tokenize_lines([c for caps in split.values() for c in caps])
     vocab = {"<eos>": EOS, "<pad>": PAD}
     ids = [[vocab.setdefault(w, len(vocab)) for w in s.split()] for s in words]
@@ -92,7 +113,7 @@ def _reference_scores(refs, index, cands, include_eos=True):
     return np.array(cider), np.array(bleu)
 
 
-def test_vectorised_cider_equals_per_candidate_reference_on_flickr8k(train, scorer):
+def test_vectorised_cider_equals_per_candidate_reference(train, scorer):
     _, refs, vocab_size = train
     index, cands = _candidates(refs, vocab_size)
     expected, _ = _reference_scores(refs, index, cands)
@@ -112,16 +133,40 @@ def test_without_eos_token_matches_reference_and_stops_at_pad(train):
     np.testing.assert_allclose(scorer.score(index, cands), expected, rtol=0, atol=TOL)
 
 
-def test_cider_equals_pycocoevalcap_with_df_from_evaluated_refs():
+def _evaluated(source: str, step: int, images: int | None = None) -> tuple[dict, dict]:
+    """Tokenised references and one candidate per key, as pycocoevalcap takes them.
+
+    Flickr8k (the first ``images`` test images): captions 1-4 against caption 0 of image
+    ``k * step`` (mod the number of images). The fixture: each written candidate against its
+    image's references, then each image against the first candidate of image ``k * step``.
+    """
+    if source == "flickr8k":
+        split = dict(list(_flickr8k("test").items())[:images])
+        words = tokenize_lines([c for caps in split.values() for c in caps])
+        gts = {k: words[5 * i + 1 : 5 * i + 5] for i, k in enumerate(split)}
+        res = {k: [words[5 * ((i * step) % len(split))]] for i, k in enumerate(split)}
+        return gts, res
+    data = _fixture()
+    pairs = [(f"{x['image']}#{j}", x, c) for x in data for j, c in enumerate(x["candidates"])]
+    pairs += [
+        (f"{x['image']}~", x, data[(i * step) % len(data)]["candidates"][0])
+        for i, x in enumerate(data)
+    ]
+    refs = tokenize_lines([r for _, x, _ in pairs for r in x["references"]])
+    cands = tokenize_lines([c for _, _, c in pairs])
+    gts, res, start = {}, {}, 0
+    for (key, x, _), cand in zip(pairs, cands):
+        end = start + len(x["references"])
+        gts[key], res[key], start = refs[start:end], [cand], end
+    return gts, res
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_cider_equals_pycocoevalcap_with_df_from_evaluated_refs(source):
     pytest.importorskip("pycocoevalcap")
-    if not FLICKR8K.exists():
-        pytest.skip(f"{FLICKR8K} is absent")
     from pycocoevalcap.cider.cider import Cider
 
-    split = _flickr8k("test")
-    words = tokenize_lines([c for caps in split.values() for c in caps])
-    gts = {name: words[5 * k + 1 : 5 * k + 5] for k, name in enumerate(split)}
-    res = {name: [words[5 * ((k * 7) % len(split))]] for k, name in enumerate(split)}
+    gts, res = _evaluated(source, step=7)
     _, expected = Cider().compute_score(gts, res)
     vocab: dict[str, int] = {}
     ids = {
@@ -134,16 +179,12 @@ def test_cider_equals_pycocoevalcap_with_df_from_evaluated_refs():
     )
 
 
-def test_sentence_bleu_equals_pycocoevalcap_per_image():
+@pytest.mark.parametrize("source", SOURCES)
+def test_sentence_bleu_equals_pycocoevalcap_per_image(source):
     pytest.importorskip("pycocoevalcap")
-    if not FLICKR8K.exists():
-        pytest.skip(f"{FLICKR8K} is absent")
     from pycocoevalcap.bleu.bleu import Bleu
 
-    split = dict(list(_flickr8k("test").items())[:300])
-    words = tokenize_lines([c for caps in split.values() for c in caps])
-    gts = {k: words[5 * i + 1 : 5 * i + 5] for i, k in enumerate(split)}
-    res = {k: [words[5 * ((i * 3) % len(split))]] for i, k in enumerate(split)}
+    gts, res = _evaluated(source, step=3, images=300)
     _, expected = Bleu(4).compute_score(gts, res, verbose=0)
     vocab: dict[str, int] = {}
     refs = [[[vocab.setdefault(w, len(vocab)) for w in s.split()] for s in v] for v in gts.values()]

@@ -251,7 +251,7 @@ def test_xe_with_wandb_offline_logs_a_caption_table(xe_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record_file,) = (tmp_path / "wandb").glob("offline-run-*/*.wandb")
     records = record_file.read_bytes()
-    assert b"val/samples" in records and b"val/CIDEr" in records
+    assert b"eval/val/samples" in records and b"eval/val/CIDEr" in records  # W&B's names
 
 
 def test_coco_config_parses_and_builds_its_model_on_2048d_features(tmp_path):

@@ -59,7 +59,7 @@ def test_run_writes_output_contract_and_wandb_offline(tmp_path):
     (record_file,) = runs[0].glob("*.wandb")
     records = record_file.read_bytes()
     assert b"lr_scheduler.warmup_steps" in records  # a config key not on the command line
-    assert b"abs_err" in records  # a metric logged by the writer
+    assert b"train/abs_err" in records  # a metric logged by the writer, under train/
     assert list((tmp_path / "xa-test").glob("events.out.tfevents.*"))  # TensorBoard
 
 

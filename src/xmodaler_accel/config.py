@@ -4,6 +4,15 @@ The library's `DEFAULTS` are the schema of the keys every recipe understands. A 
 without `_base_`) may add new sections and keys (the model, data and task sections of a recipe);
 a file with a `_base_`, and every command-line override, may only set keys that already exist,
 so a typo is an error that suggests the nearest valid keys instead of a silently ignored setting.
+
+A value may refer to another key: `model_size: ${model.transformer.d_model}`. References are
+resolved once the `_base_` chain, a recipe's section (`scst:`) and the command-line overrides are
+applied, so overriding the target changes every value that refers to it; a resolved config holds
+plain values only. A whole-value reference takes the target's value and type (a number, a list, a
+whole section); a reference inside a string (`output/${model.kind}_xe`) inserts a string, number
+or boolean target as text. References name keys from the top (`train.batch_size`), may refer to
+keys that refer on, and never back to themselves. `${` always starts a reference, and a YAML
+flow mapping or list (`{...}`, `[...]`) needs the value quoted: `{model_size: "${a.b}"}`.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +30,9 @@ import yaml
 from .errors import UserError
 
 BASE_KEY = "_base_"
+# `${dotted.key}`: a reference to another key's value (see the module docstring).
+REFERENCE = re.compile(r"\$\{([^${}]*)\}")
+_DOTTED_KEY = re.compile(r"[\w-]+(\.[\w-]+)*")
 
 DEFAULTS: dict[str, Any] = {
     "output_dir": "output/run",
@@ -71,7 +84,10 @@ DEFAULTS: dict[str, Any] = {
     "model": {"weights": ""},
     "logging": {
         "tensorboard": False,
-        "wandb": {"project": "", "mode": "offline", "entity": "", "name": ""},
+        # W&B logs when `project` is set. `mode` left null follows W&B: WANDB_MODE, else
+        # `wandb offline`/`wandb online`, else online; set, it must agree with them (see
+        # setup.resolve_wandb_mode). An empty entity/name leaves WANDB_ENTITY/WANDB_NAME to W&B.
+        "wandb": {"project": "", "mode": None, "entity": "", "name": ""},
     },
 }
 
@@ -90,7 +106,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
         "step",
         "warmup_multistep",
     ),
-    "logging.wandb.mode": ("online", "offline", "disabled"),
+    "logging.wandb.mode": (None, "online", "offline", "disabled"),
 }
 
 # Keys whose default is null (unset): the type a value must have when one is given.
@@ -152,12 +168,16 @@ def load_config(
     defaults: Mapping[str, Any] | None = None,
     sections: Iterable[str] = (),
     choices: Mapping[str, tuple[Any, ...]] | None = None,
+    resolve: bool = True,
 ) -> Config:
     """Load `path` (with its `_base_` chain) over `defaults`, then apply `key=value` overrides,
-    then check every enumerated key against `choices` (default `CHOICES`).
+    then resolve `${key}` references and check every enumerated key against `choices` (default
+    `CHOICES`): `resolve_config`.
 
     `sections` names a recipe's own sections (e.g. `scst`): overrides of the other keys, which
     any file may fill; `apply_section` checks them against the config when it applies them.
+    `resolve=False` returns the config before `resolve_config`, references and all: for a recipe
+    that applies its section first (`apply_section`), then resolves.
     """
     defaults = DEFAULTS if defaults is None else defaults
     sections = frozenset(sections)
@@ -166,8 +186,142 @@ def load_config(
     _merge(merged, chain, str(path), strict=False, prefix="", sections=sections)
     cfg = Config(merged)
     apply_overrides(cfg, overrides)
-    check_choices(cfg, CHOICES if choices is None else choices, source=str(path))
-    return cfg
+    if not resolve:
+        return cfg
+    return resolve_config(cfg, defaults, choices, source=str(path))
+
+
+def resolve_config(
+    cfg: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
+    choices: Mapping[str, tuple[Any, ...]] | None = None,
+    source: str = "",
+) -> Config:
+    """A copy of `cfg` with every `${key}` reference replaced by that key's value, each key of
+    `defaults` (default `DEFAULTS`) type-checked again, and every enumerated key checked against
+    `choices` (default `CHOICES`). Errors name the key, the reference and `source`."""
+    resolver = _Resolver(cfg, source)
+    plain = {key: resolver.value(key) for key in cfg}
+    schema = DEFAULTS if defaults is None else defaults
+    _check_types(plain, schema, "", source, resolver.references)
+    resolved = Config(plain)
+    check_choices(resolved, CHOICES if choices is None else choices, source=source)
+    return resolved
+
+
+class _UnknownKey(Exception):
+    def __init__(self, dotted: str, valid: Iterable[str], prefix: str):
+        super().__init__(dotted)
+        self.dotted, self.valid, self.prefix = dotted, list(valid), prefix
+
+
+class _Resolver:
+    """Resolves the references of one config; `value(key)` is the key's value, references
+    resolved (each key once). `references` maps each key that held one to its text."""
+
+    def __init__(self, root: Mapping[str, Any], source: str):
+        self.root, self.where = root, f"{source}: " if source else ""
+        self.done: dict[str, Any] = {}
+        self.references: dict[str, str] = {}
+
+    def value(self, key: str, stack: tuple[str, ...] = (), text: str = "") -> Any:
+        if key not in self.done:
+            if key in stack:
+                chain = " -> ".join((*stack[stack.index(key) :], key))
+                raise ConfigError(
+                    f"{self.where}config key '{stack[-1]}': {text or '${' + key + '}'} makes a "
+                    f"cycle of references: {chain}"
+                )
+            stack = (*stack, key)
+            self.done[key] = self._resolve(self._raw(key, stack), key, stack)
+        return copy.deepcopy(self.done[key])
+
+    def _raw(self, key: str, stack: tuple[str, ...]) -> Any:
+        """The value stored at `key`, through any reference on the way (`${a}.b`)."""
+        parts, node = key.split("."), self.root
+        for i, part in enumerate(parts):
+            if i and _whole_reference(node) is not None:
+                node = self.value(".".join(parts[:i]), stack)
+            if not isinstance(node, Mapping) or part not in node:
+                prefix = ".".join(parts[:i]) + "." if i else ""
+                raise _UnknownKey(key, node.keys() if isinstance(node, Mapping) else [], prefix)
+            node = node[part]
+        return node
+
+    def _resolve(self, raw: Any, key: str, stack: tuple[str, ...], keyed: bool = True) -> Any:
+        if isinstance(raw, Mapping):
+            if keyed:  # each child under its own key (a reference to it resolves it once)
+                return {k: self.value(f"{key}.{k}", stack) for k in raw}
+            return {k: self._resolve(v, key, stack, keyed=False) for k, v in raw.items()}
+        if isinstance(raw, list):
+            return [self._resolve(item, key, stack, keyed=False) for item in raw]
+        if not isinstance(raw, str) or "${" not in raw:
+            return copy.deepcopy(raw)
+        self.references.setdefault(key, raw)
+        whole = _whole_reference(raw)
+        if whole is not None:
+            return self._target(whole, raw, key, stack)
+        pieces, end = [], 0
+        for match in REFERENCE.finditer(raw):
+            value = self._target(match.group(1), match.group(0), key, stack)
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif not isinstance(value, (str, int, float)):
+                raise ConfigError(
+                    f"{self.where}config key '{key}': {match.group(0)} inside a string must "
+                    f"name a string or a number, got {type(value).__name__} ({value!r})"
+                )
+            pieces += [raw[end : match.start()], str(value)]
+            end = match.end()
+        if "${" in (rest := "".join([*pieces[::2], raw[end:]])):
+            raise ConfigError(
+                f"{self.where}config key '{key}': cannot read the reference in {raw!r} "
+                f"(near {rest[rest.index('${') :]!r}): write ${{dotted.key}}"
+            )
+        return "".join([*pieces, raw[end:]])
+
+    def _target(self, target: str, text: str, key: str, stack: tuple[str, ...]) -> Any:
+        target = target.strip()
+        if not _DOTTED_KEY.fullmatch(target):
+            raise ConfigError(
+                f"{self.where}config key '{key}': {text} is not a reference to a key: write "
+                "${dotted.key}, e.g. ${model.transformer.d_model}"
+            )
+        try:
+            return self.value(target, stack, text)
+        except _UnknownKey as miss:
+            if miss.dotted != target:
+                raise
+            message = _unknown_key_message(target, miss.valid, miss.prefix, root=self.root)
+            raise ConfigError(
+                f"{self.where}config key '{key}': {text} refers to an {message}"
+            ) from None
+
+
+def _whole_reference(value: Any) -> str | None:
+    """The key named by a value that is one reference and nothing else (`${a.b}`), else None."""
+    if isinstance(value, str) and (match := REFERENCE.fullmatch(value.strip())):
+        return match.group(1).strip()
+    return None
+
+
+def _check_types(
+    plain: dict, schema: Mapping, prefix: str, source: str, references: Mapping[str, str]
+) -> None:
+    """Check (and convert, as `_check_type`) each value whose key `schema` defines, in place."""
+    for key, value in plain.items():
+        if key not in schema:
+            continue
+        dotted, expected = f"{prefix}{key}", schema[key]
+        if isinstance(expected, Mapping) and isinstance(value, Mapping):
+            _check_types(value, expected, f"{dotted}.", source, references)
+            continue
+        try:
+            plain[key] = _check_type(dotted, expected, value, source or "config")
+        except ConfigError as err:
+            if dotted not in references:
+                raise
+            raise ConfigError(f"{err}, from {references[dotted]!r}") from None
 
 
 def check_choices(cfg: Config, choices: Mapping[str, tuple[Any, ...]], source: str = "") -> None:
@@ -269,9 +423,14 @@ def _merge(
 
 
 def _check_type(dotted: str, current: Any, value: Any, source: str) -> Any:
-    """Return `value` as the type of `current`, or raise naming key, expected and got."""
+    """Return `value` as the type of `current`, or raise naming key, expected and got.
+
+    A value with a `${key}` reference, or a key that holds one, is checked once references are
+    resolved (`resolve_config`)."""
     if value is None:
         return value
+    if (isinstance(value, str) and "${" in value) or _whole_reference(current) is not None:
+        return copy.deepcopy(value)
     if current is None:
         if dotted not in NULLABLE_TYPES:
             return value
@@ -347,9 +506,21 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> None:
             if i < len(parts) - 1:
                 node = node[part]
         current = node[parts[-1]]
-        value = raw if isinstance(current, str) else _parse_value(raw)
+        if _whole_reference(current) is not None:  # typed as the value it refers to
+            current = _value_or(cfg, dotted, current)
+        typed_as_string = isinstance(current, str) and _whole_reference(current) is None
+        value = raw if typed_as_string else _parse_value(raw)
         checked = _check_type(dotted, current, value, "override")
         node[parts[-1]] = Config(checked) if isinstance(checked, Mapping) else checked
+
+
+def _value_or(cfg: Config, dotted: str, default: Any) -> Any:
+    """The value of `dotted` with references resolved, or `default` when they do not resolve
+    (`resolve_config` reports that)."""
+    try:
+        return _Resolver(cfg, "").value(dotted)
+    except (ConfigError, _UnknownKey):
+        return default
 
 
 def apply_section(cfg: Config, name: str, overrides: Iterable[str] = ()) -> Config:
@@ -397,5 +568,10 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.write_text(config_yaml(cfg))
     os.replace(tmp, path)
+
+
+def config_yaml(cfg: Config) -> str:
+    """The config as YAML text: what `save_config` writes and `--print-config` prints."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import configparser
 import datetime
+import importlib.util
 import logging
 import os
 import platform
@@ -25,47 +27,17 @@ from accelerate.utils import (
 
 from . import sharding
 from .checkpoint import read_trainer_state
-from .config import Config, ConfigError, flatten, save_config
+from .cli import default_argument_parser  # noqa: F401  (its home before cli.py)
+from .config import Config, ConfigError, config_yaml, flatten, save_config
 from .errors import UserError
 from .optim import auto_scale_workers
 from .run_dir import check_new_run_dir, clear_run_dir, resume_checkpoint
 from .samplers import steps_per_epoch
-from .writers import ConsoleTracker, JSONLTracker
+from .writers import ConsoleTracker, JSONLTracker, WandBWriter
 
 logger = logging.getLogger("xmodaler_accel")
 
 DIST_TIMEOUT_ENV = "XMODALER_DIST_TIMEOUT_S"
-
-
-class _IntermixedParser(argparse.ArgumentParser):
-    """Flags may come after the overrides (`... train.max_steps=9 --resume`)."""
-
-    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
-        return self.parse_intermixed_args(args, namespace)
-
-
-def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParser:
-    """`--config`, `--resume`, `--overwrite`, `--eval-only`, the options of `launch()` and
-    `key=value` overrides."""
-    parser = _IntermixedParser(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", "--config-file", dest="config", required=True, help="YAML")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the run in output_dir (newest checkpoint)"
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="delete the run in output_dir and start again"
-    )
-    parser.add_argument("--eval-only", action="store_true", help="evaluate model.weights and exit")
-    parser.add_argument(
-        "--num-gpus", type=int, default=1, help="processes to start on this machine (launch)"
-    )
-    parser.add_argument("--num-machines", type=int, default=1, help="machines in the job (launch)")
-    parser.add_argument("--machine-rank", type=int, default=0, help="this machine's rank (launch)")
-    parser.add_argument(
-        "--dist-url", default="auto", help="tcp://host:port of machine 0; auto on one machine"
-    )
-    parser.add_argument("opts", nargs="*", help="config overrides: train.max_steps=100")
-    return parser
 
 
 def make_accelerator(cfg: Config, log_with: Sequence[Any] = ()) -> Accelerator:
@@ -191,8 +163,12 @@ def _flag(argv: Sequence[str], name: str) -> str | None:
     return None
 
 
-def default_writers(cfg: Config) -> list[Any]:
-    """Console and metrics.jsonl always; TensorBoard and W&B when the config asks for them."""
+def default_writers(cfg: Config, env: Mapping[str, str] | None = None) -> list[Any]:
+    """Console and metrics.jsonl always; TensorBoard and W&B when the config asks for them.
+
+    W&B's settings are checked here, before anything is written: `logging.wandb.*` against the
+    WANDB_* variables and W&B's settings files (`resolve_wandb_settings`); the mode that will
+    run is written back into `logging.wandb.mode`, so `config.yaml` records it."""
     writers: list[Any] = [
         ConsoleTracker(lambda: cfg.train.max_steps),  # known once resolve_epochs has run
         JSONLTracker(Path(cfg.output_dir) / "metrics.jsonl"),
@@ -200,8 +176,117 @@ def default_writers(cfg: Config) -> list[Any]:
     if cfg.logging.tensorboard:
         writers.append("tensorboard")
     if cfg.logging.wandb.project:
-        writers.append("wandb")
+        init_kwargs = resolve_wandb_settings(cfg, env)
+        if init_kwargs["mode"] != "disabled":
+            writers.append(WandBWriter(cfg.logging.wandb.project, **init_kwargs))
     return writers
+
+
+# W&B's own names for its modes, the older ones included (`dryrun` is offline, `run` online).
+WANDB_MODES = ("online", "offline", "disabled")
+_WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+# logging.wandb.<key> and the variable W&B reads for the same setting.
+_WANDB_ENV = {"project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "name": "WANDB_NAME"}
+
+
+def resolve_wandb_mode(
+    key: str | None,
+    env: Mapping[str, str] | None = None,
+    settings_files: Sequence[Path] | None = None,
+) -> tuple[str, str]:
+    """The W&B mode a run starts in, and where it comes from, by W&B's own rules.
+
+    `logging.wandb.mode` (`key`) left null: WANDB_MODE, else the mode `wandb offline` / `wandb
+    online` left in W&B's settings files (`./wandb/settings` of the working directory, then
+    `$WANDB_CONFIG_DIR/settings` or `~/.config/wandb/settings`), else "online". A key that is
+    set is used; set and different from WANDB_MODE or a settings file's mode is a ConfigError
+    naming both (W&B itself would let the key win without a word).
+    """
+    env = os.environ if env is None else env
+    env_mode = _wandb_mode_value(env.get("WANDB_MODE") or None, "WANDB_MODE")
+    file_mode, file_path = _wandb_settings_file_mode(env, settings_files)
+    if key is None:
+        if env_mode:
+            return env_mode, "WANDB_MODE"
+        if file_mode:
+            return file_mode, f"{file_path} (wandb offline / wandb online)"
+        return "online", "W&B's default"
+    key = _wandb_mode_value(key, "config key 'logging.wandb.mode'")
+    if env_mode and env_mode != key:
+        raise ConfigError(
+            f"config key 'logging.wandb.mode' is {key!r} but WANDB_MODE is {env_mode!r}: drop "
+            "one of the two (logging.wandb.mode=null follows WANDB_MODE), or make them agree"
+        )
+    if file_mode and not env_mode and file_mode != key:
+        raise ConfigError(
+            f"config key 'logging.wandb.mode' is {key!r} but W&B's settings file {file_path} "
+            f"says {file_mode!r} (`wandb {file_mode}`): drop one of the two (run `wandb "
+            f"{key}`, or logging.wandb.mode=null to follow the file), or make them agree"
+        )
+    return key, "config key 'logging.wandb.mode'"
+
+
+def _wandb_mode_value(value: str | None, source: str) -> str | None:
+    if value is None:
+        return None
+    mode = _WANDB_MODE_ALIASES.get(str(value).lower(), str(value).lower())
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"{source}: {value!r} is not a W&B mode ({', '.join(WANDB_MODES)})")
+    return mode
+
+
+def _wandb_settings_file_mode(
+    env: Mapping[str, str], files: Sequence[Path] | None = None
+) -> tuple[str | None, str]:
+    """The `mode` in W&B's settings files (the workspace's first), as `wandb.init` reads them:
+    `wandb offline` writes `mode = offline` into `./wandb/settings`, `wandb online` removes it."""
+    if files is None:
+        config_dir = env.get("WANDB_CONFIG_DIR")
+        global_file = Path(config_dir or "~/.config/wandb").expanduser() / "settings"
+        # W&B uses ./.wandb instead of ./wandb when that folder exists.
+        workspace = Path.cwd() / (".wandb" if (Path.cwd() / ".wandb").exists() else "wandb")
+        files = (workspace / "settings", global_file)
+    for path in files:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(path)
+        except (OSError, configparser.Error):
+            continue  # W&B warns and ignores an unreadable file
+        mode = parser.get("default", "mode", fallback=None)
+        if mode:
+            return _wandb_mode_value(mode, f"W&B's settings file {path}"), str(path)
+    return None, ""
+
+
+def resolve_wandb_settings(cfg: Config, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`wandb.init` arguments from `logging.wandb.*`, each set key checked against the variable
+    W&B reads for it (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME): set in both and
+    different is a ConfigError naming both; a key left empty leaves the variable to W&B. Writes
+    the mode that will run into `logging.wandb.mode`."""
+    env = os.environ if env is None else env
+    wandb_cfg = cfg.logging.wandb
+    mode, source = resolve_wandb_mode(wandb_cfg.mode, env)
+    if mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"config key 'logging.wandb.project' is {wandb_cfg.project!r} but wandb is not "
+            "installed: `pip install 'xmodaler-accel[wandb]'` (or wandb), or logging.wandb.project='' to log without W&B"
+        )
+    for key, var in _WANDB_ENV.items():
+        ours, theirs = wandb_cfg[key], env.get(var)
+        if ours and theirs and ours != theirs:
+            raise ConfigError(
+                f"config key 'logging.wandb.{key}' is {ours!r} but {var} is {theirs!r}: drop one "
+                "of the two, or make them agree"
+            )
+    wandb_cfg.mode = mode
+    kwargs: dict[str, Any] = {"mode": mode, "mode_source": source}  # WandBWriter keeps the source
+    if wandb_cfg.entity:
+        kwargs["entity"] = wandb_cfg.entity
+    if wandb_cfg.name or not env.get("WANDB_NAME"):
+        kwargs["name"] = wandb_cfg.name or Path(cfg.output_dir).name
+    if not env.get("WANDB_DIR"):  # W&B's variable for where its files go (wandb agent sets it)
+        kwargs["dir"] = str(cfg.output_dir)
+    return kwargs
 
 
 def default_setup(cfg: Config, args: argparse.Namespace | None = None) -> Accelerator:
@@ -217,6 +302,8 @@ def default_setup(cfg: Config, args: argparse.Namespace | None = None) -> Accele
             "--resume continues the run in output_dir, --overwrite deletes it: give one"
         )
     resolve_launcher_settings(cfg)
+    if args is not None and getattr(args, "print_config", False):
+        print_config(cfg, args)  # exits: nothing written, no Accelerator
     output_dir = Path(cfg.output_dir)
     checkpoint = resume_checkpoint(cfg, evaluate_only=eval_only) if resume else None
     if not resume and not eval_only:
@@ -241,6 +328,20 @@ def default_setup(cfg: Config, args: argparse.Namespace | None = None) -> Accele
     wandb_id = read_trainer_state(checkpoint).get("wandb_run_id") if checkpoint else None
     init_trackers(accelerator, cfg, wandb_run_id=wandb_id)
     return accelerator
+
+
+def print_config(cfg: Config, args: argparse.Namespace | None = None) -> None:
+    """`--print-config`: print the config as `default_setup` writes it to config.yaml (launcher
+    settings, W&B mode and `train.auto_scale_workers` applied) on stdout, then exit 0. Call it
+    after `resolve_launcher_settings`; it writes nothing and starts nothing."""
+    if cfg.logging.wandb.project:
+        resolve_wandb_settings(cfg)
+    launched = getattr(args, "num_gpus", 1) * getattr(args, "num_machines", 1)
+    auto_scale_workers(cfg, int(os.environ.get("WORLD_SIZE", 0)) or launched)
+    if int(os.environ.get("RANK", 0)) == 0:  # under a launcher, once
+        sys.stdout.write(config_yaml(cfg))
+        sys.stdout.flush()
+    sys.exit(0)
 
 
 def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
@@ -329,19 +430,23 @@ def check_eval_only(cfg: Config, *, resume: bool) -> None:
 
 def init_trackers(accelerator: Accelerator, cfg: Config, wandb_run_id: str | None = None) -> None:
     """Start the trackers; with `wandb_run_id` (saved in the checkpoint `--resume` continues
-    from) W&B continues that run, so a preempted job stays one run."""
-    wandb_cfg = cfg.logging.wandb
-    init_kwargs = {}
-    if wandb_cfg.project:
-        os.environ.setdefault("WANDB_MODE", wandb_cfg.mode)
-        init_kwargs["wandb"] = {
-            "dir": str(cfg.output_dir),
-            "name": wandb_cfg.name or Path(cfg.output_dir).name,
-            **({"entity": wandb_cfg.entity} if wandb_cfg.entity else {}),
-            **({"id": wandb_run_id, "resume": "allow"} if wandb_run_id else {}),
-        }
-    project = wandb_cfg.project or "xmodaler-accel"
-    accelerator.init_trackers(project, config=flatten_config(cfg), init_kwargs=init_kwargs)
+    from) W&B continues that run, so a preempted job stays one run. The W&B run's config holds
+    the resolved config and the environment block of `log.txt` (`environment.*`)."""
+    for tracker in accelerator.log_with:
+        if isinstance(tracker, WandBWriter):
+            logger.info("W&B: project %s, mode %s (%s)", cfg.logging.wandb.project,
+                        tracker.init_kwargs["mode"], tracker.mode_source)  # fmt: skip
+            tracker.init_kwargs["config"] = {"environment": _environment_dict(accelerator)}
+            if wandb_run_id:
+                tracker.init_kwargs.update(id=wandb_run_id, resume="allow")
+    project = cfg.logging.wandb.project or "xmodaler-accel"
+    accelerator.init_trackers(project, config=flatten_config(cfg))
+
+
+def _environment_dict(accelerator: Accelerator) -> dict[str, str]:
+    """`environment_info` as {"python": "3.11.2 (/usr/bin/python3)", "torch": ...}."""
+    rows = (line.split(None, 1) for line in environment_info(accelerator).splitlines())
+    return {row[0]: row[1] if len(row) > 1 else "" for row in rows if row}
 
 
 def flatten_config(cfg: Config) -> dict[str, Any]:
@@ -407,6 +512,8 @@ def launch(
     processes into one group; one process in all runs `main_func` directly. Under `accelerate
     launch` or `torchrun` the launcher has started the processes: more than one here is refused.
     A config, data or checkpoint error prints one line and exits with status 2 (no traceback).
+    With `--print-config` among `args`, `main_func` runs once, here: it prints the config and
+    exits in `default_setup`.
     """
     world_size = num_machines * num_gpus_per_machine
     if num_gpus_per_machine < 1 or not 0 <= machine_rank < num_machines:
@@ -417,6 +524,8 @@ def launch(
                 "0 <= --machine-rank < --num-machines"
             )
         )
+    if any(getattr(arg, "print_config", False) for arg in args):
+        return _run_reporting(main_func, args)
     if "LOCAL_RANK" in os.environ and world_size > 1:
         _exit_user_error(
             ConfigError(

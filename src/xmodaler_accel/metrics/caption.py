@@ -19,11 +19,11 @@ from ..scoring.bleu import bleu_counts, corpus_bleu
 from ..scoring.cider import cider_from_stats
 from ..scoring.corpus import RefCorpus
 from ..scoring.ngrams import pad_sequences
-from .meteor import meteor
+from .meteor import MeteorUnavailable, meteor, meteor_missing
 from .ptb_tokenizer import tokenize_captions, tokenize_lines
 from .rouge import rouge_l
 
-__all__ = ["DEFAULT_METRICS", "SPICE_UNAVAILABLE", "score_captions"]
+__all__ = ["DEFAULT_METRICS", "SPICE_UNAVAILABLE", "check_metrics", "score_captions"]
 
 DEFAULT_METRICS = ("bleu", "meteor", "rouge", "cider")
 SPICE_UNAVAILABLE = (
@@ -72,12 +72,28 @@ _OTHER: dict[str, Callable[[Gts, Res], dict[str, float]]] = {"rouge": _rouge, "m
 _KNOWN = ("bleu", "meteor", "rouge", "cider", "spice")
 
 
-def _check(predictions: Mapping, references: Mapping, metrics: Sequence[str]) -> list[str]:
-    """Metric names in lower case; errors name the image ids or metric at fault."""
-    names = [m.lower() for m in metrics]
+def _names(metrics: Sequence[str]) -> list[str]:
+    """Metric names in lower case; an unknown one is a ValueError naming it."""
+    names = [str(m).lower() for m in metrics]
     unknown = [m for m in names if m not in _KNOWN]
     if unknown:
         raise ValueError(f"unknown caption metric(s) {unknown}; expected some of {_KNOWN}")
+    return names
+
+
+def check_metrics(metrics: Sequence[str] = DEFAULT_METRICS) -> None:
+    """Raise before any scoring if `metrics` cannot all be computed here: ValueError for an
+    unknown name, :class:`MeteorUnavailable` (saying what to install) for METEOR without Java or
+    pycocoevalcap's jar. Run it at start: otherwise the first evaluation fails, hours in."""
+    if "meteor" in _names(metrics):
+        problem = meteor_missing()
+        if problem:
+            raise MeteorUnavailable(problem)
+
+
+def _check(predictions: Mapping, references: Mapping, metrics: Sequence[str]) -> list[str]:
+    """Metric names in lower case; errors name the image ids or metric at fault."""
+    names = _names(metrics)
     if not references:
         raise ValueError("no captions to score")
     missing = [k for k in references if k not in predictions]

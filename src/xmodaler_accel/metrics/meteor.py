@@ -15,35 +15,71 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MeteorUnavailable", "meteor", "meteor_jar"]
+__all__ = ["MeteorUnavailable", "meteor", "meteor_jar", "meteor_missing"]
+
+_LEAVE_OUT = "or leave METEOR out: metrics=('bleu', 'rouge', 'cider')"
+_NO_JAR = "METEOR needs pycocoevalcap's meteor-1.5.jar: `pip install 'xmodaler-accel[coco-eval]'` (or pycocoevalcap)"
+_NO_JAVA = (
+    "METEOR needs Java, but `java` is not on PATH: install a Java runtime (e.g. `apt-get "
+    "install default-jre-headless`)"
+)
 
 
 class MeteorUnavailable(RuntimeError):
     """Java or the METEOR jar is missing."""
 
 
-def meteor_jar() -> Path:
-    """Path of pycocoevalcap's ``meteor-1.5.jar``; raises :class:`MeteorUnavailable` if absent."""
+def _find_jar() -> tuple[Path | None, str]:
+    """The jar, or None and what to do about it."""
     spec = importlib.util.find_spec("pycocoevalcap")
     if spec is None or not spec.submodule_search_locations:
-        raise MeteorUnavailable(
-            "METEOR needs pycocoevalcap's meteor-1.5.jar: `pip install pycocoevalcap` "
-            "(or leave METEOR out: metrics=('bleu', 'rouge', 'cider'))"
-        )
+        return None, _NO_JAR
     jar = Path(next(iter(spec.submodule_search_locations))) / "meteor" / "meteor-1.5.jar"
     if not jar.exists():
-        raise MeteorUnavailable(f"METEOR jar not found at {jar}; reinstall pycocoevalcap")
+        return None, (
+            f"METEOR's jar is not at {jar}: reinstall pycocoevalcap (`pip install "
+            "--force-reinstall pycocoevalcap`)"
+        )
+    return jar, ""
+
+
+def meteor_jar() -> Path:
+    """Path of pycocoevalcap's ``meteor-1.5.jar``; raises :class:`MeteorUnavailable` if absent."""
+    jar, problem = _find_jar()
+    if jar is None:
+        raise MeteorUnavailable(f"{problem} ({_LEAVE_OUT})")
     return jar
 
 
 def _java() -> str:
     java = shutil.which("java")
     if java is None:
-        raise MeteorUnavailable(
-            "METEOR needs Java, but `java` is not on PATH: install a JRE (e.g. `apt-get install "
-            "default-jre-headless`) or leave METEOR out: metrics=('bleu', 'rouge', 'cider')"
-        )
+        raise MeteorUnavailable(f"{_NO_JAVA} {_LEAVE_OUT}")
     return java
+
+
+def meteor_missing() -> str | None:
+    """Why METEOR cannot run here and what to install, or None when it can: the jar is there,
+    `java` is on PATH and starts with the heap METEOR asks for (``java -Xmx2G -version``).
+    For a check at start, before hours of training end in an evaluation that cannot score."""
+    jar, problem = _find_jar()
+    if jar is None:
+        return problem
+    java = shutil.which("java")
+    if java is None:
+        return _NO_JAVA
+    try:
+        proc = subprocess.run([java, "-Xmx2G", "-version"], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"METEOR needs Java, and `{java} -version` failed ({err}): repair the Java runtime"
+    if proc.returncode != 0:
+        lines = proc.stderr.decode(errors="replace").strip().splitlines()
+        detail = lines[-1] if lines else f"exit status {proc.returncode}"
+        return (
+            f"METEOR needs Java, and `{java} -Xmx2G -version` failed ({detail}): repair the "
+            "Java runtime"
+        )
+    return None
 
 
 def _readline(proc: subprocess.Popen, stderr) -> str:

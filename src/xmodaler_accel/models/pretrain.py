@@ -25,20 +25,29 @@ import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_model
 from torch import Tensor, nn
-from transformers import BertConfig
-from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from ..masking import IGNORE_INDEX
 from .single_stream import ITMHead, SingleStreamEncoder, bert_from_config
 from .transformer import TransformerCaptioner
 from .vcr import VISUAL_TYPE_ID as VCR_VISUAL_TYPE_ID  # text 0, choice 1, regions 2
 
+if TYPE_CHECKING:
+    from transformers import BertConfig
+
 EXPORT_TARGETS = ("retrieval", "vcr", "encoder", "captioner")
+
+
+def _bert_head_transform(config: BertConfig) -> nn.Module:
+    # Imported here: loading BERT's modeling code takes seconds, which recipes that do not
+    # pretrain (and `--print-config`) need not wait for.
+    from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+
+    return BertPredictionHeadTransform(config)
 
 
 class MaskedLMHead(nn.Module):
@@ -46,7 +55,7 @@ class MaskedLMHead(nn.Module):
 
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding | None = None) -> None:
         super().__init__()
-        self.transform = BertPredictionHeadTransform(config)
+        self.transform = _bert_head_transform(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         if word_embeddings is not None:
             self.decoder.weight = word_embeddings.weight
@@ -60,7 +69,7 @@ class RegionHead(nn.Module):
 
     def __init__(self, config: BertConfig, feat_dim: int, num_classes: int) -> None:
         super().__init__()
-        self.transform = BertPredictionHeadTransform(config)
+        self.transform = _bert_head_transform(config)
         self.classifier = nn.Linear(config.hidden_size, num_classes) if num_classes > 0 else None
         self.regressor = nn.Linear(config.hidden_size, feat_dim)
 

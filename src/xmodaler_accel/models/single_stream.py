@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
+
+if TYPE_CHECKING:  # imported where a model is built: loading BERT's code takes seconds
+    from transformers import BertConfig, BertModel
 
 REGION_POSITION_ID = 0
 
@@ -174,6 +176,8 @@ def build_bert(
     cover `vocab_size` tokens. Nothing is downloaded: `bert_dir` must hold `config.json` and the
     weights (`model.safetensors` or `pytorch_model.bin`).
     """
+    from transformers import BertConfig, BertModel
+
     if bert_dir:
         path = Path(bert_dir)
         if not (path / "config.json").is_file():

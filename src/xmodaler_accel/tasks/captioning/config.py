@@ -19,8 +19,8 @@ from ...config import (
     Config,
     ConfigError,
     apply_section,
-    check_choices,
     load_config,
+    resolve_config,
 )
 from ...data.source import DATASET_DEFAULTS
 from .steps import BASELINES, SAMPLERS
@@ -74,12 +74,20 @@ CAPTION_CHOICES = {**CHOICES, "rl.sampler": SAMPLERS, "rl.baseline": BASELINES}
 
 def load_caption_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
     """The XE config: the YAML over `CAPTION_DEFAULTS`, then the command-line overrides."""
-    cfg = load_config(
-        path, overrides, defaults=CAPTION_DEFAULTS, sections=["scst"], choices=CAPTION_CHOICES
-    )
+    unresolved = _unresolved(path, overrides)
+    cfg = _resolve(unresolved, str(path))
     # A typo in `scst:` stops XE too, not hours later.
-    check_choices(apply_section(cfg, "scst"), CAPTION_CHOICES, source=f"{path} (scst section)")
+    _resolve(apply_section(unresolved, "scst"), f"{path} (scst section)")
     return cfg
+
+
+def _unresolved(path: str | os.PathLike, overrides: Iterable[str]) -> Config:
+    return load_config(path, overrides, defaults=CAPTION_DEFAULTS, sections=["scst"], resolve=False)
+
+
+def _resolve(cfg: Config, source: str) -> Config:
+    """`${key}` references resolved, types and choices checked."""
+    return resolve_config(cfg, CAPTION_DEFAULTS, CAPTION_CHOICES, source=source)
 
 
 def load_scst_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
@@ -90,8 +98,8 @@ def load_scst_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> 
     """
     overrides = list(overrides)
     xe = load_caption_config(path, overrides)
-    # Each value comes from `xe` or its section, both checked by load_caption_config.
-    cfg = apply_section(xe, "scst", overrides)
+    # References (`${key}`) resolve after the section: they see the values SCST runs with.
+    cfg = _resolve(apply_section(_unresolved(path, overrides), "scst", overrides), str(path))
     if not cfg.model.weights:
         cfg.model.weights = str(_newest_xe_checkpoint(xe, cfg, path))
     return cfg

@@ -1,6 +1,9 @@
 """Captioning evaluation: beam-search a split, gather one caption per image from all processes
 (duplicates from padded samplers dropped, coverage checked), score with the coco-caption metrics
 on the main process and write `eval/<split>_step<N>_captions.json` (COCO results format).
+
+The metrics are checked when the evaluator is built, before training: an unknown name, or METEOR
+without Java or pycocoevalcap's jar, stops the run there (`check_caption_metrics`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ...config import ConfigError
 from ...data import ImageDataset
 from ...evaluation import gather_predictions, write_json_atomic
 from ...metrics import score_captions
+from ...metrics.caption import check_metrics
+from ...metrics.meteor import MeteorUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +43,38 @@ def reference_captions(table: Any) -> list[list[str]]:
     return table["captions"]
 
 
+_WITHOUT_METEOR = ("bleu", "rouge", "cider")  # the default metrics, METEOR left out
+
+
+def check_caption_metrics(
+    accelerator: Any, metrics: Sequence[str], key: str = "eval.metrics"
+) -> None:
+    """A ConfigError naming `key` unless every metric can be computed: an unknown name, or
+    METEOR without Java or pycocoevalcap's jar (what to install, or the value of `key` without
+    meteor). The main process, which scores, checks; every process gets the answer (collective
+    when there are several) and raises the same error."""
+    problem: list[str | None] = [None]
+    if accelerator.is_main_process:
+        try:
+            check_metrics(metrics)
+        except ValueError as err:
+            problem[0] = f"config key '{key}': {err}"
+        except MeteorUnavailable as err:
+            rest = [str(m) for m in metrics if str(m).lower() != "meteor"] or list(_WITHOUT_METEOR)
+            problem[0] = (
+                f"config key '{key}' includes meteor: {err}; or leave METEOR out: "
+                f"{key}=[{','.join(rest)}]"
+            )
+    if accelerator.num_processes > 1:
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise ConfigError(problem[0])
+
+
 class CaptionEvaluator:
-    """`evaluator(engine) -> {split: metrics}`: beam-search a split and score it (collective)."""
+    """`evaluator(engine) -> {split: metrics}`: beam-search a split and score it (collective).
+
+    Building one checks that `metrics` can all be computed here (`check_caption_metrics`)."""
 
     def __init__(
         self,
@@ -54,6 +90,7 @@ class CaptionEvaluator:
     ) -> None:
         self.accelerator, self.tokenizer, self.split = accelerator, tokenizer, split
         self.decode, self.metrics = decode, tuple(metrics)
+        check_caption_metrics(accelerator, self.metrics)
         loader = DataLoader(
             ImageDataset(table), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
         )
