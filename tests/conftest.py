@@ -12,6 +12,11 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOY_SCRIPT = FIXTURES / "toy_train.py"
 TOY_CONFIG = FIXTURES / "toy.yaml"
 BIN = Path(sys.executable).parent
+# Caption parity runs on a hand-written fixture always, and on Flickr8k where the side folder is.
+FLICKR8K = Path(os.environ.get("XMODALER_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
+CAPTIONS_FIXTURE = FIXTURES / "captions" / "captions.json"
+needs_flickr8k = pytest.mark.skipif(not FLICKR8K.exists(), reason=f"{FLICKR8K} is absent")
+SOURCES = ["fixture", pytest.param("flickr8k", marks=needs_flickr8k)]
 
 
 @pytest.fixture(autouse=True)

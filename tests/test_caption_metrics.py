@@ -10,23 +10,14 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
+from conftest import CAPTIONS_FIXTURE, FLICKR8K, SOURCES
 from xmodaler_accel.metrics import SPICE_UNAVAILABLE, score_captions, tokenize_lines
 from xmodaler_accel.metrics import meteor as meteor_module
 from xmodaler_accel.metrics.rouge import lcs_length
 
-FLICKR8K = Path(
-    os.environ.get(
-        "XMODALER_FLICKR8K",
-        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k",
-    )
-)
-CAPTIONS_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "captions" / "captions.json"
-needs_flickr8k = pytest.mark.skipif(not FLICKR8K.exists(), reason=f"{FLICKR8K} is absent")
-SOURCES = ["fixture", pytest.param("flickr8k", marks=needs_flickr8k)]
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed")
 TOL = 1e-6
 

@@ -5,14 +5,13 @@ on the checked-in caption fixture (tests/fixtures/captions), and on Flickr8k whe
 from __future__ import annotations
 
 import json
-import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import CAPTIONS_FIXTURE, FLICKR8K, SOURCES
 from xmodaler_accel.metrics import tokenize_lines
 from xmodaler_accel.scoring import CiderD, RefCorpus, RewardScorer
 from xmodaler_accel.scoring import cider_reference as ref
@@ -20,15 +19,6 @@ from xmodaler_accel.scoring.bleu import bleu_counts, sentence_bleu
 from xmodaler_accel.scoring.ngrams import EXACT_BASE, HASH_BASE
 from xmodaler_accel.scoring.tensors import as_token_array
 
-FLICKR8K = Path(
-    os.environ.get(
-        "XMODALER_FLICKR8K",
-        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k",
-    )
-)
-CAPTIONS_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "captions" / "captions.json"
-needs_flickr8k = pytest.mark.skipif(not FLICKR8K.exists(), reason=f"{FLICKR8K} is absent")
-SOURCES = ["fixture", pytest.param("flickr8k", marks=needs_flickr8k)]
 EOS, PAD = 0, 1
 TOL = 1e-9
 
