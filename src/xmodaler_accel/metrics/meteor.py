@@ -7,6 +7,7 @@ per image and one ``EVAL`` line, and reads the per-image and overall scores back
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import shutil
 import subprocess
@@ -68,6 +69,12 @@ def meteor_missing() -> str | None:
     java = shutil.which("java")
     if java is None:
         return _NO_JAVA
+    return _java_problem(java)
+
+
+@functools.cache  # one start of this java per process: every evaluator (split) asks at start
+def _java_problem(java: str) -> str | None:
+    """Why `java` cannot start with METEOR's heap, or None."""
     try:
         proc = subprocess.run([java, "-Xmx2G", "-version"], capture_output=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as err:
