@@ -1,9 +1,16 @@
 """The captioning recipes and examples end to end on a tiny synthetic task (subprocesses)."""
 
+import fcntl
 import json
+import os
+import pty
+import select
 import shutil
+import struct
 import subprocess
 import sys
+import termios
+import time
 
 import pytest
 import yaml
@@ -58,8 +65,76 @@ def jsonl(path):
 @pytest.fixture(scope="module")
 def xe_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("xe")
-    run("recipes/xe.py", f"output_dir={root / 'xe'}", cache=root / "cache")
+    proc = run("recipes/xe.py", f"output_dir={root / 'xe'}", cache=root / "cache")
+    (root / "console.txt").write_text(proc.stdout + proc.stderr)
     return root
+
+
+def test_xe_console_off_a_terminal_is_log_lines_only(xe_run):
+    """No progress bars in a log; short training lines, loss first; one line per evaluation."""
+    console = (xe_run / "console.txt").read_text()
+    assert "\r" not in console and "it/s" not in console, console[-2000:]
+    train_lines = [line for line in console.splitlines() if "] step " in line]
+    assert len(train_lines) == 2, console[-2000:]  # log_every=3 of 6 steps
+    for line in train_lines:
+        fields = line.split("] ", 1)[1].split("  ")
+        assert [f.split()[0] for f in fields[1:]][:4] == ["loss", "lr", "grad_norm", "time"]
+        assert "data_time" not in line and "ss_prob" not in line
+    assert "eta 0:00:00" in train_lines[-1]
+    for split in ("val", "test"):
+        evals = [line for line in console.splitlines() if f"eval {split} at step 6:" in line]
+        assert len(evals) == 1, console[-2000:]
+        assert "CIDEr " in evals[0] and "{" not in evals[0]
+        values = [field.split()[1] for field in evals[0].split(": ", 1)[1].split("  ")[:-1]]
+        assert all(len(v.replace(".", "").lstrip("0").split("e")[0]) <= 4 for v in values)
+    rows = jsonl(xe_run / "xe" / "metrics.jsonl")
+    assert "data_time" in rows[0] and "ss_prob" in rows[0]  # everything is still in the file
+
+
+def test_xe_console_on_a_terminal_shows_a_training_bar(xe_run, tmp_path):
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes/xe.py"),
+        "--config",
+        str(REPO / "recipes/synthetic.yaml"),
+        *TINY,
+        f"data.cache_dir={xe_run / 'cache'}",
+        f"output_dir={tmp_path / 'xe'}",
+        "logging.console_fields=[loss,lr]",
+    ]
+    returncode, console = run_on_terminal(cmd, timeout=300)
+    assert returncode == 0, console[-3000:]
+    assert "train: 100%" in console and "6/6" in console and "step/s" in console, console[-3000:]
+    assert "loss " in console.split("train: 100%", 1)[1].split("\n")[0]  # postfix at the end
+    assert "eval val:" in console  # the evaluation's bar
+    line = next(x for x in console.splitlines() if "] step 6/6" in x)
+    assert "grad_norm" not in line and line.split("] ", 1)[1].split("  ")[1].startswith("loss ")
+
+
+def run_on_terminal(cmd, timeout):
+    """Run `cmd` with a pseudo-terminal as stdin/stdout/stderr; (returncode, what it printed)."""
+    main_fd, child_fd = pty.openpty()
+    # A real terminal's size: tqdm draws nothing into a 0-column one.
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen(
+        cmd, stdin=child_fd, stdout=child_fd, stderr=child_fd, env=subprocess_env(), cwd=REPO
+    )
+    os.close(child_fd)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([main_fd], [], [], 1.0)
+        try:
+            data = os.read(main_fd, 65536) if ready else b""
+        except OSError:  # the child closed the terminal
+            break
+        if ready and not data:
+            break
+        chunks.append(data)
+        if not ready and proc.poll() is not None:
+            break
+    os.close(main_fd)
+    returncode = proc.wait(timeout=10)
+    return returncode, b"".join(chunks).decode(errors="replace")
 
 
 def test_xe_recipe_writes_the_output_contract(xe_run):

@@ -83,6 +83,8 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint": {"every": 0, "every_epochs": None, "keep": 3, "prefix": "step"},
     "model": {"weights": ""},
     "logging": {
+        # What a training log line shows (those the step reports); metrics.jsonl has them all.
+        "console_fields": ["loss", "reward", "lr", "grad_norm", "time"],
         "tensorboard": False,
         # W&B logs when `project` is set. `mode` left null follows W&B: WANDB_MODE, else
         # `wandb offline`/`wandb online`, else online; set, it must agree with them (see

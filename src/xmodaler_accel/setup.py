@@ -170,7 +170,8 @@ def default_writers(cfg: Config, env: Mapping[str, str] | None = None) -> list[A
     WANDB_* variables and W&B's settings files (`resolve_wandb_settings`); the mode that will
     run is written back into `logging.wandb.mode`, so `config.yaml` records it."""
     writers: list[Any] = [
-        ConsoleTracker(lambda: cfg.train.max_steps),  # known once resolve_epochs has run
+        # max_steps is known once resolve_epochs has run
+        ConsoleTracker(lambda: cfg.train.max_steps, cfg.logging.console_fields),
         JSONLTracker(Path(cfg.output_dir) / "metrics.jsonl"),
     ]
     if cfg.logging.tensorboard:

@@ -11,11 +11,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from accelerate.tracking import GeneralTracker, WandBTracker, on_main_process
+
+from .config import DEFAULTS
 
 logger = logging.getLogger("xmodaler_accel")
 
@@ -52,15 +54,23 @@ class JSONLTracker(GeneralTracker):
 
 
 class ConsoleTracker(GeneralTracker):
-    """`step 120/1000  eta 0:01:23  loss 2.3456  lr 1.00e-04 ...` through the package logger."""
+    """`step 120/1000  loss 2.346  lr 0.0001  ...  eta 0:01:23` through the package logger.
+
+    Training writes show `fields` (`logging.console_fields`: loss first; every metric is in
+    metrics.jsonl and the other trackers), 4 significant figures. An evaluation's
+    `<split>/<metric>` call is left to `EvalHook`, which logs one line per split."""
 
     name = "console"
     requires_logging_directory = False
 
-    def __init__(self, max_steps: int | Callable[[], int]) -> None:
+    def __init__(
+        self, max_steps: int | Callable[[], int], fields: Sequence[str] | None = None
+    ) -> None:
         super().__init__()
         self._max_steps = max_steps
+        self.fields = tuple(DEFAULTS["logging"]["console_fields"] if fields is None else fields)
         self._last: tuple[int, float] | None = None
+        self._checked = False
 
     @property
     def tracker(self) -> Any:
@@ -71,30 +81,60 @@ class ConsoleTracker(GeneralTracker):
         return self._max_steps() if callable(self._max_steps) else self._max_steps
 
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
-        now = time.perf_counter()
+        if is_evaluation(values):
+            return
+        self._check_fields(values)
         parts = [f"step {step}/{self.max_steps}"]
+        parts += [f"{k} {format_value(values[k])}" for k in self.fields if k in values]
+        now = time.perf_counter()
         if self._last is not None and step is not None and step > self._last[0]:
             per_step = (now - self._last[1]) / (step - self._last[0])
             eta = datetime.timedelta(seconds=int(per_step * max(self.max_steps - step, 0)))
             parts.append(f"eta {eta}")
         if step is not None:
             self._last = (step, now)
-        parts += [_format(k, v) for k, v in values.items()]
         logger.info("  ".join(parts))
+
+    def _check_fields(self, values: dict) -> None:
+        """Name, once, the configured fields the first training write does not have."""
+        if self._checked:
+            return
+        self._checked = True
+        missing = [k for k in self.fields if k not in values]
+        if missing and list(self.fields) != DEFAULTS["logging"]["console_fields"]:
+            logger.warning(
+                "logging.console_fields: %s not reported by this run's step; it reports %s",
+                ", ".join(missing),
+                ", ".join(sorted(values)),
+            )
+
+
+def is_evaluation(values: dict) -> bool:
+    """An evaluation's call: every key is `<split>/<metric>` (what `EvalHook` logs)."""
+    return bool(values) and all("/" in key for key in values)
+
+
+def format_value(value: Any) -> str:
+    """4 significant figures for floats (tensors included), integers as they are."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k} {format_value(v)}" for k, v in metrics.items())
 
 
 class WandBWriter(WandBTracker):
     """Accelerate's W&B tracker, with the names W&B dashboards group by.
 
-    What the `PeriodicWriter` logs goes under `train/` (`train/loss`, `train/lr` ...), with
-    `train/epoch` (fractional: passes over the training set) and `train/samples_per_s` (training
-    samples per second since the previous write, over all processes; left out of a period that
-    held an evaluation) taken from the Engine that runs. An evaluation's `<split>/<metric>`
-    (every key of the call holds a `/`: what `EvalHook` and the sample tables log) goes under
-    `eval/` (`eval/val/CIDEr`). A key already under `train/` or `eval/` is kept as it is. The
-    model's parameter count goes into the run config (`num_parameters`,
-    `num_trainable_parameters`) at the first write. Console and `metrics.jsonl` keep the plain
-    names (`loss`, `val/CIDEr`).
+    What the `PeriodicWriter` logs goes under `train/` (`train/loss`, `train/lr`, `train/epoch`,
+    `train/samples_per_s` ...). An evaluation's `<split>/<metric>` (every key of the call holds
+    a `/`: what `EvalHook` and the sample tables log) goes under `eval/` (`eval/val/CIDEr`). A
+    key already under `train/` or `eval/` is kept as it is. Console and `metrics.jsonl` keep the
+    plain names (`loss`, `val/CIDEr`). `record_model` puts the parameter counts in the run config.
 
     `init_kwargs` are `wandb.init`'s; `setup.init_trackers` completes them before the run starts.
     """
@@ -102,55 +142,20 @@ class WandBWriter(WandBTracker):
     def __init__(self, project: str, *, mode_source: str = "", **init_kwargs: Any) -> None:
         super().__init__(project, **init_kwargs)
         self.mode_source = mode_source  # where init_kwargs["mode"] came from, for the log
-        self._last_write: tuple[int, float] | None = None  # (step, time) of the last train write
-        self._counted = False
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
-        if values and all("/" in key for key in values):  # an evaluation: <split>/<metric>
-            self._last_write = None  # its time is not training time
-            named = {_under("eval", k): v for k, v in values.items()}
-        else:
-            named = {_under("train", k): v for k, v in values.items()}
-            named.update(self._progress(step))
-        self.run.log(named, step=step, **kwargs)
+        prefix = "eval" if is_evaluation(values) else "train"
+        self.run.log({_under(prefix, k): v for k, v in values.items()}, step=step, **kwargs)
 
-    def _progress(self, step: int | None) -> dict[str, float]:
-        """`train/epoch` and `train/samples_per_s` from the running Engine, if there is one."""
-        engine = running_engine()
-        if engine is None or step is None:
-            return {}
-        if not self._counted:
-            self._counted = True
-            self.run.config.update(parameter_counts(engine.unwrapped_model), allow_val_change=True)
-        out: dict[str, float] = {}
-        try:
-            dataset_size = len(engine.train_loader.dataset)
-        except TypeError:  # a dataset without a length: no epochs to count
-            dataset_size = 0
-        if dataset_size:
-            out["train/epoch"] = engine.epoch + engine.samples_in_epoch / dataset_size
-        now = time.perf_counter()
-        if self._last_write is not None and step > self._last_write[0]:
-            per_step = engine.global_batch_size * engine.accelerator.gradient_accumulation_steps
-            seconds = now - self._last_write[1]
-            out["train/samples_per_s"] = (step - self._last_write[0]) * per_step / seconds
-        self._last_write = (step, now)
-        return out
+    @on_main_process
+    def record_model(self, model: Any) -> None:
+        """`num_parameters` and `num_trainable_parameters` into the run config."""
+        self.run.config.update(parameter_counts(model), allow_val_change=True)
 
 
 def _under(prefix: str, key: str) -> str:
     return key if key.startswith(("train/", "eval/")) else f"{prefix}/{key}"
-
-
-def running_engine() -> Any | None:
-    """The Engine whose training is in progress: its TrainerView (which `PeriodicWriter` and the
-    other hooks make) makes its storage current at TRAIN_START. None outside a training run."""
-    from .hooks import storage
-
-    if not storage._current:
-        return None
-    return getattr(storage._current[-1]._view, "_engine", None)
 
 
 def parameter_counts(model: Any) -> dict[str, int]:
@@ -161,14 +166,6 @@ def parameter_counts(model: Any) -> dict[str, int]:
         total += n
         trainable += n if param.requires_grad else 0
     return {"num_parameters": total, "num_trainable_parameters": trainable}
-
-
-def _format(name: str, value: Any) -> str:
-    if isinstance(value, float):
-        if name.startswith("lr"):
-            return f"{name} {value:.2e}"
-        return f"{name} {value:.4g}"
-    return f"{name} {value}"
 
 
 def _plain(values: dict) -> dict:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .errors import (
     DataError,
     EmptyCaptionError,
@@ -182,7 +182,7 @@ def _write_images(
     )
     writer = SplitWriter(directory / split, schema, split=split, chunk_bytes=chunk_bytes)
     counts = []
-    for entry in tqdm(entries, desc=f"{split} images", unit="img", disable=not progress):
+    for entry in progress_bar(entries, desc=f"{split} images", unit="img", main_process=progress):
         row = {"image_id": entry.image_id, **regions(entry.key)}
         if captions:
             row.update(captions=entry.captions, raw_captions=entry.raw_captions)

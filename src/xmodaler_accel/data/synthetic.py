@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from datasets import DatasetDict, load_from_disk
 
+from ..progress import progress_bar
 from .scene_vcr import vcr_item
 from .scenes import (
     BACKGROUND_KINDS,
@@ -46,6 +48,8 @@ SPLITS = ("train", "val", "test")
 NUM_CLASSES = len(SHAPES) + 1  # background + shapes
 _ID_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 _BATCH = 256
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,14 @@ def _write(directory: Path, config: SyntheticConfig) -> None:
         questions = SplitWriter(
             directory / f"vcr_{split}", vcr_table_features(), split=f"vcr_{split}"
         )
-        for image, question in _split_rows(split, config, vectors):
+        rows = progress_bar(
+            _split_rows(split, config, vectors),
+            desc=f"synthetic {split}",
+            total=config.size(split),
+            unit="img",
+            main_process=os.environ.get("LOCAL_RANK", "0") == "0",
+        )
+        for image, question in rows:
             images.add(image)
             questions.add(question)
             if split == "train":
@@ -222,6 +233,7 @@ def synthetic_dir(
     target = root / f"synthetic-{config.key()}"
     if (target / META_FILE).is_file() and not rebuild:
         return target
+    logger.info("building the synthetic dataset (first use, cached after): %s", target)
     with atomic_directory(target, if_exists="replace" if rebuild else "keep") as tmp:
         _write(tmp, config)
     return target

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 
 from ..events import Event
+from ..progress import logs_above_bars, progress_bar
+from ..writers import format_metrics
 from .base import trainer_view
 from .compat import bind_either, first_argument
 
@@ -90,14 +93,39 @@ class PeriodicWriter:
         self.period = period
         self.writers = [w for w in writers or () if callable(getattr(w, "write", None))]
         self.last_written = -1
+        self.bar: Any = None
+        self._logs_above_bar: Any = None
+        self._last_write: tuple[int, float] | None = None  # (step, time) for samples_per_s
 
     def attach(self, engine: Any, name: str = "PeriodicWriter") -> PeriodicWriter:
         trainer_view(engine)  # made now, it follows the run from TRAIN_START
+        engine.on(Event.TRAIN_START, self.open_bar, name=name)
+        engine.on(Event.TRAIN_START, self.record_model, name=name)
+        engine.on(Event.STEP_END, self.advance_bar, name=name)
+        engine.on(Event.EVAL, self.skip_period, name=name)
         engine.on(Event.LOG, self.write, every=self.period, name=name)
         engine.on(Event.TRAIN_END, self.write, name=name)
         engine.on(Event.TRAIN_END, self.close, name=name)
         engine.on(Event.EXCEPTION, self.close, name=name)
         return self
+
+    def open_bar(self, engine: Any) -> None:
+        """The training bar (main process, on a terminal): steps/s and ETA, loss and lr."""
+        self.bar = progress_bar(
+            desc="train",
+            total=engine.max_steps,
+            initial=engine.step,
+            unit="step",
+            main_process=engine.is_main_process,
+            leave=True,
+        )
+        if not self.bar.disable:
+            self._logs_above_bar = logs_above_bars()
+            self._logs_above_bar.__enter__()
+
+    def advance_bar(self, engine: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(engine.step - self.bar.n)
 
     def write(self, engine: Any) -> None:
         if engine.step == self.last_written:
@@ -105,17 +133,59 @@ class PeriodicWriter:
         metrics, storage = engine.collect_metrics(), trainer_view(engine).storage
         for key, value in metrics.items():
             storage.record(key, value)
-        engine.accelerator.log({**metrics, **engine.scalars}, step=engine.step)
+        progress = self.progress(engine)
+        engine.accelerator.log({**metrics, **engine.scalars, **progress}, step=engine.step)
+        if self.bar is not None and not self.bar.disable:
+            shown = {k: metrics[k] for k in ("loss", "reward") if k in metrics}
+            lr = engine.scalars.get("lr")
+            self.bar.set_postfix_str(format_metrics({**shown, "lr": lr} if lr else shown))
         for writer in self.writers:
             writer.write()
         self.last_written = engine.step
 
+    def progress(self, engine: Any) -> dict[str, float]:
+        """`epoch` (fractional: passes over the training set) and `samples_per_s` (training
+        samples per second since the previous write, over all processes; left out of a period
+        that held an evaluation)."""
+        out: dict[str, float] = {}
+        try:
+            dataset_size = len(engine.train_loader.dataset)
+        except TypeError:  # a dataset without a length: no epochs to count
+            dataset_size = 0
+        if dataset_size:
+            out["epoch"] = engine.epoch + engine.samples_in_epoch / dataset_size
+        now = time.perf_counter()
+        if self._last_write is not None and engine.step > self._last_write[0]:
+            per_step = engine.global_batch_size * engine.accelerator.gradient_accumulation_steps
+            seconds = now - self._last_write[1]
+            out["samples_per_s"] = (engine.step - self._last_write[0]) * per_step / seconds
+        self._last_write = (engine.step, now)
+        return out
+
+    def skip_period(self, engine: Any) -> None:
+        self._last_write = None  # an evaluation's time is not training time
+
+    def record_model(self, engine: Any) -> None:
+        """Trackers that keep the model's size (W&B's run config) get it once, at the start."""
+        for tracker in engine.accelerator.trackers:
+            if callable(getattr(tracker, "record_model", None)):
+                tracker.record_model(engine.unwrapped_model)
+
     def close(self, engine: Any) -> None:
+        self.close_bar()
         for writer in self.writers:
             if engine.exception is not None:  # X-modaler writes what the storage holds first
                 writer.write()
             if callable(getattr(writer, "close", None)):
                 writer.close()
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self._logs_above_bar is not None:
+            self._logs_above_bar.__exit__(None, None, None)
+            self._logs_above_bar = None
 
 
 def _ours_checkpointer(period: int, max_to_keep: int | None = None, prefix: str | None = None):

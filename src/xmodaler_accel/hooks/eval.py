@@ -13,6 +13,7 @@ import torch
 from ..checkpoint import rng_kept
 from ..evaluation import write_eval_result
 from ..events import Event
+from ..writers import format_metrics
 from .base import trainer_view
 from .compat import bind_either, first_argument, flatten_results
 
@@ -137,7 +138,8 @@ class EvalHook:
         if engine.is_main_process:
             for split, metrics in results.items():
                 path = write_eval_result(Path(engine.output_dir), split, engine.step, metrics)
-                logger.info("eval %s at step %d: %s (%s)", split, engine.step, metrics, path)
+                shown = format_metrics(metrics)
+                logger.info("eval %s at step %d: %s  (%s)", split, engine.step, shown, path)
         flat = {f"{split}/{k}": v for split, m in results.items() for k, v in m.items()}
         engine.accelerator.log(flat, step=engine.step)
         return results

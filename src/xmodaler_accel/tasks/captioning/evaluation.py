@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ...config import ConfigError
 from ...data import ImageDataset
@@ -24,6 +23,7 @@ from ...evaluation import gather_predictions, write_json_atomic
 from ...metrics import score_captions
 from ...metrics.caption import check_metrics
 from ...metrics.meteor import MeteorUnavailable
+from ...progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +100,11 @@ class CaptionEvaluator:
     def predict(self, model: torch.nn.Module) -> dict[int, str]:
         ids: list[int] = []
         captions: list[str] = []
-        progress = tqdm(
+        progress = progress_bar(
             self.loader,
             desc=f"eval {self.split}",
-            leave=False,
-            disable=not self.accelerator.is_local_main_process,
+            unit="batch",
+            main_process=self.accelerator.is_local_main_process,
         )
         for batch in progress:
             tokens = self.decode(model, batch)
