@@ -291,42 +291,48 @@ def test_example_custom_model_trains_and_scores_its_own_weights(xe_run, tmp_path
     assert scored == pytest.approx(trained)
 
 
-def test_example_wandb_sweep_parameters_are_recipe_keys(xe_run, tmp_path):
+def sweep_trial_command(sweep: dict, chosen: list[str]) -> list[str]:
+    """The command a W&B agent runs for one trial: the sweep's `command` with W&B's macros."""
+    macros = {
+        "${env}": [],  # the agent runs it with its environment (WANDB_* variables)
+        "${interpreter}": [sys.executable],
+        "${program}": [sweep["program"]],
+        "${args_no_hyphens}": chosen,
+    }
+    return [part for item in sweep["command"] for part in macros.get(item, [item])]
+
+
+def test_example_wandb_sweep_runs_a_trial_offline_in_its_own_output_dir(xe_run, tmp_path):
+    """One trial of examples/wandb_sweep.yaml as the agent starts it, with W&B offline: its own
+    output_dir, the sweep's metric under W&B's name, and the caption sample table."""
     sweep = yaml.safe_load((REPO / "examples/wandb_sweep.yaml").read_text())
-    assert sweep["program"] == "recipes/xe.py"
     chosen = []
     for key, spec in sweep["parameters"].items():
         value = spec["values"][0] if "values" in spec else spec["min"]
         if key == "model.transformer.d_model":
             value = 32  # keep the tiny size (still one of the swept keys)
         chosen.append(f"{key}={value}")
-    run(sweep["program"], f"output_dir={tmp_path}", *chosen, cache=xe_run / "cache")
-    assert (tmp_path / "eval" / "val_step6.json").is_file()
-
-
-def test_xe_with_wandb_offline_logs_a_caption_table(xe_run, tmp_path):
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    chosen += [*TINY, f"data.cache_dir={xe_run / 'cache'}"]
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")  # the agent runs from the repository
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_SWEEP_ID": "s1"}
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "recipes/xe.py"),
-            "--config",
-            str(REPO / "recipes/synthetic.yaml"),
-            *TINY,
-            f"data.cache_dir={xe_run / 'cache'}",
-            f"output_dir={tmp_path}",
-            "logging.wandb.project=xa-test",
-        ],
-        env=subprocess_env(**env),
+        sweep_trial_command(sweep, chosen),
+        env=subprocess_env(**env, WANDB_RUN_ID="r1", WANDB_DIR=str(tmp_path)),
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=REPO,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "output/sweeps/s1/r1"
+    assert (out / "eval" / "val_step6.json").is_file()
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["logging"]["wandb"]["project"] == sweep["project"]
+    assert config["optim"]["lr"] == sweep["parameters"]["optim.lr"]["min"]
     (record_file,) = (tmp_path / "wandb").glob("offline-run-*/*.wandb")
     records = record_file.read_bytes()
-    assert b"eval/val/samples" in records and b"eval/val/CIDEr" in records  # W&B's names
+    assert sweep["metric"]["name"].encode() in records  # eval/val/CIDEr
+    assert b"eval/val/samples" in records
 
 
 def test_coco_config_parses_and_builds_its_model_on_2048d_features(tmp_path):
