@@ -153,7 +153,9 @@ def main(args) -> None:
         two_pass = cfg.pretrain.two_stage != "off"
         with engine.gathered_model() as model:
             return {
-                split: pretrain_metrics(accelerator, model, loader, count, two_pass=two_pass)
+                split: pretrain_metrics(
+                    accelerator, model, loader, count, two_pass=two_pass, desc=f"eval {split}"
+                )
                 for split, (loader, count) in loaders.items()
             }
 

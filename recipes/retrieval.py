@@ -149,7 +149,9 @@ def main(args) -> None:
 
     def evaluate(engine: Engine) -> dict:
         with engine.gathered_model() as model:
-            return evaluate_retrieval(engine.accelerator, model, splits, settings, reranker)
+            return evaluate_retrieval(
+                engine.accelerator, model, splits, settings, reranker, step=engine.step
+            )
 
     # Hooks: timer, lr, checkpoints, evaluation, the writer (it logs after all of them).
     IterationTimer(cfg.train.timer_warmup).attach(engine)

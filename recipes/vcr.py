@@ -101,7 +101,12 @@ def main(args) -> None:
     def evaluate(engine: Engine) -> dict:
         with engine.gathered_model() as model:
             return evaluate_vcr(
-                engine.accelerator, model, splits, batch_size=cfg.eval.batch_size, collate=collate
+                engine.accelerator,
+                model,
+                splits,
+                batch_size=cfg.eval.batch_size,
+                collate=collate,
+                step=engine.step,
             )
 
     # Hooks: timer, lr, checkpoints, evaluation, the writer (it logs after all of them).

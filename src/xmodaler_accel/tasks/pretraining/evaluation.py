@@ -10,6 +10,7 @@ import torch
 
 from ...evaluation import gather_predictions
 from ...masking import IGNORE_INDEX
+from ...progress import progress_bar
 
 
 def pair_counts(out: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> torch.Tensor:
@@ -43,9 +44,16 @@ def count_names(out: Mapping[str, torch.Tensor], rows: int, suffix: str = "") ->
 
 @torch.no_grad()
 def pretrain_metrics(
-    accelerator: Any, model: torch.nn.Module, loader: Any, num_pairs: int, *, two_pass: bool
+    accelerator: Any,
+    model: torch.nn.Module,
+    loader: Any,
+    num_pairs: int,
+    *,
+    two_pass: bool,
+    desc: str = "eval",
 ) -> dict[str, float]:
-    """Accuracies over an evaluation loader of `collate_pretrain` batches (collective).
+    """Accuracies over an evaluation loader of `collate_pretrain` batches (collective); `desc`
+    names the progress bar.
 
     Counts are gathered per pair (`gather_predictions` drops padded duplicates and checks that
     every pair was seen once) and pooled: accuracy = right / total over the split.
@@ -53,7 +61,10 @@ def pretrain_metrics(
     ids: list[int] = []
     rows: list[list[int]] = []
     names: list[str] = []
-    for batch in loader:
+    batches = progress_bar(
+        loader, desc=desc, unit="batch", main_process=accelerator.is_local_main_process
+    )
+    for batch in batches:
         outs = model(batch, two_pass=two_pass)
         counts = [pair_counts(outs[0], batch)]
         names = count_names(outs[0], len(batch["input_ids"]))

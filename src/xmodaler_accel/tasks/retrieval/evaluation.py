@@ -24,6 +24,8 @@ from transformers import PreTrainedTokenizerBase
 from ...data import ImageDataset, collate_images, pad_ids
 from ...metrics.retrieval import DEFAULT_KS, RetrievalRanks
 from ...models.retrieval import TwoStreamRetrieval
+from ...progress import progress_bar
+from .samples import TopCaptions, log_samples, wandb_tracker
 from .steps import clip_inputs
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,16 @@ class RetrievalSplit:
     def num_captions(self) -> int:
         return len(self.caption_image)
 
+    def captions_of(self, image: int) -> list[str]:
+        """The captions of image row `image`, as the table holds them."""
+        return self.images.columns.value("captions", image)
+
+    def caption_text(self, row: int) -> str:
+        """The text of caption row `row` (captions are listed image by image)."""
+        image = int(self.caption_image[row])
+        first = int(torch.searchsorted(self.caption_image, image))
+        return self.captions_of(image)[row - first]
+
     def regions(self, rows: Sequence[int], device: Any, max_feat_num: int) -> dict[str, Any]:
         """Padded regions of image rows `rows` on `device`."""
         batch = collate_images([self.images[int(r)] for r in rows], max_feat_num=max_feat_num)
@@ -97,6 +109,13 @@ def my_chunks(accelerator: Any, total: int, size: int) -> list[torch.Tensor]:
     """This process's share of the fixed chunk grid over `range(total)`."""
     chunks = list(torch.arange(total).split(max(1, size)))
     return chunks[accelerator.process_index :: accelerator.num_processes]
+
+
+def chunks_bar(accelerator: Any, chunks: list[torch.Tensor], desc: str, unit: str = "batch"):
+    """`chunks` with a progress bar on the local main process (its share stands for all)."""
+    return progress_bar(
+        chunks, desc=desc, unit=unit, main_process=accelerator.is_local_main_process
+    )
 
 
 def all_rows(
@@ -141,16 +160,17 @@ def embed_split(
     def text(chunk: torch.Tensor) -> torch.Tensor:
         return model.embed_texts(**split.texts(chunk, device))
 
+    dim, desc = model.embed_dim, f"eval {split.name}"
     return (
-        _embed_all(accelerator, image, split.num_images, size, model.embed_dim),
-        _embed_all(accelerator, text, split.num_captions, size, model.embed_dim),
+        _embed_all(accelerator, image, split.num_images, size, dim, f"{desc} images"),
+        _embed_all(accelerator, text, split.num_captions, size, dim, f"{desc} captions"),
     )
 
 
-def _embed_all(accelerator: Any, embed, total: int, size: int, dim: int) -> torch.Tensor:
+def _embed_all(accelerator: Any, embed, total: int, size: int, dim: int, desc: str) -> torch.Tensor:
     rows = [torch.empty(0, dtype=torch.long)]
     values = [torch.empty(0, dim, device=accelerator.device)]
-    for chunk in my_chunks(accelerator, total, size):
+    for chunk in chunks_bar(accelerator, my_chunks(accelerator, total, size), desc):
         rows.append(chunk)
         values.append(embed(chunk).float())
     return all_rows(accelerator, torch.cat(rows), torch.cat(values), total)
@@ -162,12 +182,17 @@ def similarity_ranks(
     texts: torch.Tensor,
     split: RetrievalSplit,
     settings: EvalSettings,
+    samples: TopCaptions | None = None,
 ) -> RetrievalRanks:
-    """R@K state of the two-stream similarities, in blocks of image rows x all captions."""
+    """R@K state of the two-stream similarities, in blocks of image rows x all captions;
+    `samples` keeps its sampled images' rows."""
     ranks = RetrievalRanks(split.caption_image, split.num_images, settings.ks)
     captions = torch.arange(split.num_captions)
     for chunk in my_chunks(accelerator, split.num_images, settings.similarity_chunk):
-        ranks.add_block(chunk, captions, images[chunk.to(images.device)] @ texts.T)
+        scores = images[chunk.to(images.device)] @ texts.T
+        ranks.add_block(chunk, captions, scores)
+        if samples is not None:
+            samples.add_block(chunk, captions, scores)
     return merge_ranks(accelerator, ranks, split, settings.ks)
 
 
@@ -193,22 +218,31 @@ def score_pairs(
 
 @torch.no_grad()
 def full_ranks(
-    accelerator: Any, model: torch.nn.Module, split: RetrievalSplit, settings: EvalSettings
+    accelerator: Any,
+    model: torch.nn.Module,
+    split: RetrievalSplit,
+    settings: EvalSettings,
+    samples: TopCaptions | None = None,
 ) -> tuple[RetrievalRanks, int]:
-    """R@K state of single-stream scores of every (image, caption) pair; also the pair count."""
+    """R@K state of single-stream scores of every (image, caption) pair; also the pair count.
+    `samples` keeps its sampled images' rows."""
     device = accelerator.device
     ranks = RetrievalRanks(split.caption_image, split.num_images, settings.ks)
     per_block = max(1, settings.batch_size // settings.image_chunk)
     caption_chunks = torch.arange(split.num_captions).split(per_block)
     pairs = 0
-    for chunk in my_chunks(accelerator, split.num_images, settings.image_chunk):
+    image_chunks = my_chunks(accelerator, split.num_images, settings.image_chunk)
+    for chunk in chunks_bar(accelerator, image_chunks, f"eval {split.name} pairs", "image block"):
         regions = split.regions(chunk, device, settings.max_feat_num)
         for captions in caption_chunks:
             texts = split.texts(captions, device)
             img = torch.arange(len(chunk), device=device).repeat_interleave(len(captions))
             txt = torch.arange(len(captions), device=device).repeat(len(chunk))
             scores = score_pairs(model, regions, texts, img, txt, settings.batch_size)
-            ranks.add_block(chunk, captions, scores.view(len(chunk), len(captions)))
+            scores = scores.view(len(chunk), len(captions))
+            ranks.add_block(chunk, captions, scores)
+            if samples is not None:
+                samples.add_block(chunk, captions, scores)
             pairs += len(img)
     return merge_ranks(accelerator, ranks, split, settings.ks), pairs
 
@@ -221,15 +255,19 @@ def rerank_ranks(
     texts: torch.Tensor,
     split: RetrievalSplit,
     settings: EvalSettings,
+    samples: TopCaptions | None = None,
 ) -> tuple[RetrievalRanks, int]:
-    """R@K state when the single-stream model rescores each query's two-stream top-k only.
+    """R@K state when the single-stream model rescores each query's two-stream top-k only;
+    `samples` keeps its sampled images' re-ranked rows.
 
     Candidates outside the top-k keep the score -inf, so a positive outside it is a miss.
     """
     device, k = accelerator.device, settings.rerank_k
     ranks = RetrievalRanks(split.caption_image, split.num_images, settings.ks)
+    captions = torch.arange(split.num_captions)
     pairs = 0
-    for chunk in my_chunks(accelerator, split.num_images, settings.image_chunk):
+    image_chunks = my_chunks(accelerator, split.num_images, settings.image_chunk)
+    for chunk in chunks_bar(accelerator, image_chunks, f"eval {split.name} i2t", "image block"):
         top = (images[chunk.to(device)] @ texts.T).topk(min(k, split.num_captions), dim=1)[1]
         regions = split.regions(chunk, device, settings.max_feat_num)
         candidates = split.texts(top.flatten().cpu(), device)
@@ -237,9 +275,13 @@ def rerank_ranks(
         pairs_of = torch.arange(top.numel(), device=device)
         scores = score_pairs(model, regions, candidates, img, pairs_of, settings.batch_size)
         full = torch.full((len(chunk), split.num_captions), float("-inf"), device=device)
-        ranks.add_i2t(chunk, full.scatter_(1, top, scores.view(top.shape)))
+        full.scatter_(1, top, scores.view(top.shape))
+        ranks.add_i2t(chunk, full)
+        if samples is not None:
+            samples.add_block(chunk, captions, full)
         pairs += top.numel()
-    for chunk in my_chunks(accelerator, split.num_captions, max(1, settings.batch_size // k)):
+    caption_chunks = my_chunks(accelerator, split.num_captions, max(1, settings.batch_size // k))
+    for chunk in chunks_bar(accelerator, caption_chunks, f"eval {split.name} t2i", "text block"):
         top = (texts[chunk.to(device)] @ images.T).topk(min(k, split.num_images), dim=1)[1]
         unique, inverse = top.flatten().unique(return_inverse=True)
         regions = split.regions(unique.tolist(), device, settings.max_feat_num)
@@ -274,16 +316,36 @@ def evaluate_split(
     split: RetrievalSplit,
     settings: EvalSettings,
     two_stream: TwoStreamRetrieval | None = None,
+    *,
+    step: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """`{split: metrics}`; with `rerank_k`, also `{split}_two_stream` (the candidates' R@K)."""
+    """`{split: metrics}`; with `rerank_k`, also `{split}_two_stream` (the candidates' R@K).
+    When W&B is logging, also the table `<split>/samples` of the first images' top captions."""
+    samples = None
+    if wandb_tracker(accelerator) is not None:
+        samples = TopCaptions.for_split(split, accelerator.device)
+    results = rank_split(accelerator, model, split, settings, two_stream, samples)
+    log_samples(accelerator, split, samples, step)
+    return results
+
+
+def rank_split(
+    accelerator: Any,
+    model: torch.nn.Module,
+    split: RetrievalSplit,
+    settings: EvalSettings,
+    two_stream: TwoStreamRetrieval | None,
+    samples: TopCaptions | None,
+) -> dict[str, dict[str, float]]:
+    """The metrics of `evaluate_split`, by whichever scoring the models call for."""
     start = time.perf_counter()
     if isinstance(model, TwoStreamRetrieval):
         images, texts = embed_split(accelerator, model, split, settings)
-        metrics = similarity_ranks(accelerator, images, texts, split, settings).metrics()
+        metrics = similarity_ranks(accelerator, images, texts, split, settings, samples).metrics()
         _log_cost(accelerator, "two-stream similarities", split, 0, start)
         return {split.name: metrics}
     if settings.rerank_k <= 0:
-        ranks, pairs = full_ranks(accelerator, model, split, settings)
+        ranks, pairs = full_ranks(accelerator, model, split, settings, samples)
         _log_cost(accelerator, "single-stream full scoring", split, pairs, start)
         return {split.name: ranks.metrics()}
     if two_stream is None:
@@ -296,7 +358,7 @@ def evaluate_split(
             accelerator, images, texts, split, settings
         ).metrics()
     }
-    ranks, pairs = rerank_ranks(accelerator, model, images, texts, split, settings)
+    ranks, pairs = rerank_ranks(accelerator, model, images, texts, split, settings, samples)
     _log_cost(accelerator, f"two-stream top-{settings.rerank_k} re-ranking", split, pairs, start)
     results[split.name] = ranks.metrics()
     return results
@@ -308,9 +370,12 @@ def evaluate_retrieval(
     splits: Sequence[RetrievalSplit],
     settings: EvalSettings,
     two_stream: TwoStreamRetrieval | None = None,
+    *,
+    step: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """R@K of every split (collective; call under `no_grad` with the models in eval mode)."""
+    """R@K of every split (collective; call under `no_grad` with the models in eval mode);
+    `step` is the training step W&B sample tables are logged at."""
     results: dict[str, dict[str, float]] = {}
     for split in splits:
-        results.update(evaluate_split(accelerator, model, split, settings, two_stream))
+        results.update(evaluate_split(accelerator, model, split, settings, two_stream, step=step))
     return results

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,9 +19,11 @@ from accelerate.utils import send_to_device
 from datasets import DatasetDict
 from transformers import PreTrainedTokenizerBase
 
+from ...data import ArrowColumns
 from ...evaluation import gather_predictions
 from ...metrics.vcr import vcr_accuracy
 from ...models.vcr import MODEL_INPUTS
+from ...progress import progress_bar
 from .data import VCRTaskDataset
 
 logger = logging.getLogger(__name__)
@@ -64,11 +67,19 @@ def predict_choices(
     *,
     batch_size: int,
     collate: Callable[[list], dict[str, Any]],
+    desc: str = "eval",
 ) -> list[int]:
-    """The chosen candidate of every item of `dataset`, in order (collective)."""
+    """The chosen candidate of every item of `dataset`, in order (collective); `desc` names
+    the progress bar."""
     ids: list[int] = []
     predictions: list[int] = []
-    for rows in my_batches(accelerator, len(dataset), max(1, batch_size)):
+    batches = progress_bar(
+        my_batches(accelerator, len(dataset), max(1, batch_size)),
+        desc=desc,
+        unit="batch",
+        main_process=accelerator.is_local_main_process,
+    )
+    for rows in batches:
         batch = send_to_device(collate([dataset[i] for i in rows]), accelerator.device)
         logits = model(**{k: batch[k] for k in MODEL_INPUTS})
         ids.extend(rows)
@@ -84,18 +95,74 @@ def evaluate_vcr(
     *,
     batch_size: int,
     collate: Callable[[list], dict[str, Any]],
+    step: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """`{split: {"Q->A", "QA->R", "Q->AR"}}` (collective; call with the model in eval mode)."""
+    """`{split: {"Q->A", "QA->R", "Q->AR"}}` (collective; call with the model in eval mode).
+    When W&B is logging, also the table `<split>/samples` of the first items, at `step`."""
     results: dict[str, dict[str, float]] = {}
+    predict = partial(predict_choices, accelerator, model, batch_size=batch_size, collate=collate)
     for split in splits:
-        answers = predict_choices(
-            accelerator, model, split.qa, batch_size=batch_size, collate=collate
-        )
-        rationales = predict_choices(
-            accelerator, model, split.qar, batch_size=batch_size, collate=collate
-        )
+        answers = predict(split.qa, desc=f"eval {split.name} Q->A")
+        rationales = predict(split.qar, desc=f"eval {split.name} QA->R")
         results[split.name] = vcr_accuracy(
             answers, split.qa.labels(), rationales, split.qar.labels()
         )
         logger.info("VCR %s (%d items): %s", split.name, len(split.qa), results[split.name])
+        log_samples(accelerator, split, answers, rationales, step)
     return results
+
+
+SAMPLE_COLUMNS = [
+    "annot_id",
+    "question",
+    "answers",
+    "predicted_answer",
+    "correct_answer",
+    "predicted_rationale",
+    "correct_rationale",
+]
+
+
+def sample_rows(
+    split: VCRSplit, answers: list[int], rationales: list[int], count: int = 16
+) -> list[list[str]]:
+    """The first `count` items: question, numbered answers, and the predicted and correct
+    answer and rationale as text (empty where the split is unlabeled). The rationale was
+    chosen given the correct answer (QA->R), as the metric scores it."""
+    items = range(min(count, len(split.qa)))
+    return [sample_row(split.qa.questions, i, answers[i], rationales[i]) for i in items]
+
+
+def sample_row(questions: ArrowColumns, item: int, answer: int, rationale: int) -> list[str]:
+    """One `SAMPLE_COLUMNS` row of question table row `item` and its predicted choices."""
+
+    def value(name: str) -> Any:
+        return questions.value(name, item)
+
+    answers = [" ".join(words) for words in value("answer_choices")]
+    reasons = [" ".join(words) for words in value("rationale_choices")]
+    right_answer, right_rationale = value("answer_label"), value("rationale_label")
+    return [
+        value("annot_id"),
+        " ".join(value("question")),
+        " | ".join(f"{k}: {text}" for k, text in enumerate(answers)),
+        answers[answer],
+        answers[right_answer] if right_answer >= 0 else "",
+        reasons[rationale],
+        reasons[right_rationale] if right_rationale >= 0 else "",
+    ]
+
+
+def log_samples(
+    accelerator: Any, split: VCRSplit, answers: list[int], rationales: list[int], step: int | None
+) -> None:
+    """Log `<split>/samples` to W&B from the main process (predictions are already gathered)."""
+    tracker = next((t for t in accelerator.trackers if t.name == "wandb"), None)
+    if tracker is None or not accelerator.is_main_process:
+        return
+    tracker.log_table(
+        f"{split.name}/samples",
+        columns=SAMPLE_COLUMNS,
+        data=sample_rows(split, answers, rationales),
+        step=step,
+    )
