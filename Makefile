@@ -2,21 +2,41 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# On a machine without an NVIDIA driver, pin the CPU build of torch so pip never pulls CUDA wheels.
-TORCH_CPU := torch==2.13.0
+PIP := $(BIN)/python -m pip
+# torch on a machine without an NVIDIA driver: the CPU build, so pip never pulls several GB of
+# CUDA wheels. Its `+cpu` version exists only as CPU wheels: in a local wheel folder (find-links)
+# or on PyTorch's CPU index, which pip is given only when it cannot find the wheel without one.
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install torch-args test lint format demo bench clean
 
 install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	@if command -v nvidia-smi >/dev/null 2>&1; then \
-		echo "NVIDIA driver found: keeping the torch build pip picks (CUDA)"; \
+	@args="$$($(MAKE) -s --no-print-directory torch-args)" || exit 1; \
+	if [ -z "$$args" ]; then \
+		echo "NVIDIA driver found: pip picks the torch build (CUDA on Linux)"; \
 	else \
-		echo "no NVIDIA driver: installing the CPU build $(TORCH_CPU)"; \
-		$(BIN)/pip install "$(TORCH_CPU)"; \
+		echo "pip install $$args"; \
+		$(BIN)/pip install $$args; \
 	fi
 	$(BIN)/pip install -e ".[dev]"
+
+# pip's arguments for torch (`make -s torch-args`, tests/test_install.py): none with an NVIDIA
+# driver; on macOS (no CUDA builds there) the release; else the CPU build, from a local wheel
+# where pip finds one without an index, otherwise from TORCH_CPU_INDEX.
+torch-args:
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(uname -s)" = Darwin ]; then \
+		echo "torch==$(TORCH_VERSION)"; \
+	elif $(PIP) install --dry-run --quiet --no-index --no-deps --ignore-installed \
+			"torch==$(TORCH_VERSION)+cpu" >/dev/null 2>&1; then \
+		echo "torch==$(TORCH_VERSION)+cpu"; \
+	else \
+		echo "torch==$(TORCH_VERSION)+cpu --extra-index-url $(TORCH_CPU_INDEX)"; \
+	fi
 
 # Test files run in parallel (one worker per core; a file's tests stay on one worker so that its
 # module fixtures are built once).
