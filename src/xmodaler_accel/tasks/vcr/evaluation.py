@@ -8,7 +8,6 @@ same padding, whatever the world size: predictions do not depend on the number o
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -25,8 +24,6 @@ from ...metrics.vcr import vcr_accuracy
 from ...models.vcr import MODEL_INPUTS
 from ...progress import progress_bar
 from .data import VCRTaskDataset
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,7 +104,6 @@ def evaluate_vcr(
         results[split.name] = vcr_accuracy(
             answers, split.qa.labels(), rationales, split.qar.labels()
         )
-        logger.info("VCR %s (%d items): %s", split.name, len(split.qa), results[split.name])
         log_samples(accelerator, split, answers, rationales, step)
     return results
 
