@@ -98,7 +98,10 @@ def main(args) -> None:
         seed=cfg.seed,
     )
     collate = partial(
-        collate_xe, max_feat_num=cfg.data.max_feat_num, use_global_v=cfg.data.use_global_v
+        collate_xe,
+        max_feat_num=cfg.data.max_feat_num,
+        use_global_v=cfg.data.use_global_v,
+        pad_multiple=cfg.data.pad_multiple,
     )
     train_loader = build_train_loader(
         train_set,

@@ -192,3 +192,48 @@ def test_mask_tokens_and_regions_skip_specials_and_padding():
     out, chosen = mask_regions(feats, region_mask, prob=0.5, generator=generator)
     assert not chosen[~region_mask].any() and chosen.any()
     assert (out.sum(-1) == 0).sum() <= chosen.sum() and out[~chosen].eq(1).all()
+
+
+def test_padding_to_a_multiple_changes_neither_the_loss_nor_its_gradient_and_bounds_graphs():
+    """data.pad_multiple: widths round up (a few shapes for torch.compile); the extra PAD
+    columns are masked out of the loss and causal attention never reads them."""
+    from torch._dynamo.utils import counters
+
+    from xmodaler_accel.models import build_captioner, label_smoothed_loss
+
+    torch.manual_seed(0)
+    model = build_captioner(
+        "transformer", vocab_size=12, feat_dim=4, d_model=16, num_heads=2, ffn_dim=32,
+        num_encoder_layers=1, num_decoder_layers=1, dropout=0.0, visual_dropout=0.0,
+        pred_dropout=0.0,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+
+    def batch(width, multiple):
+        captions = [[1, *rng.integers(3, 12, size=width - 1).tolist(), 2], [1, 4, 2]]
+        return collate_xe([item(0, 3, captions)], pad_multiple=multiple)
+
+    def loss_and_grad(b, forward):
+        model.zero_grad()
+        ids = b["input_ids"]
+        logits = forward(b["features"], b["boxes"], b["region_mask"], ids, seq_per_img=2)
+        loss = label_smoothed_loss(logits, b["target_ids"])
+        loss.backward()
+        return loss.detach(), model.predictor.weight.grad.clone()
+
+    captions = [[1, 5, 6, 7, 8, 9, 2], [1, 4, 2]]
+    plain = collate_xe([item(0, 3, captions)])
+    padded = collate_xe([item(0, 3, captions)], pad_multiple=8)
+    assert plain["input_ids"].shape[1] == 6 and padded["input_ids"].shape[1] == 8
+    loss, grad = loss_and_grad(plain, model)
+    padded_loss, padded_grad = loss_and_grad(padded, model)
+    torch.testing.assert_close(padded_loss, loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(padded_grad, grad, rtol=0, atol=1e-6)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    for width in range(1, 17):  # input widths 1..16: two buckets of 8
+        loss_and_grad(batch(width, 8), compiled)
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()

@@ -7,10 +7,14 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
+from xmodaler_accel import decoding
 from xmodaler_accel.decoding import beam_search, greedy, sample, score_tokens
-from xmodaler_accel.models import CaptionModel, EncoderOutput, build_captioner
+from xmodaler_accel.models import CaptionModel, EncoderOutput, build_captioner, transformer
+from xmodaler_accel.models.transformer import merge_heads, split_heads
 
 VOCAB, FEAT = 40, 16
 SIZES = {
@@ -262,3 +266,106 @@ def test_sampling_is_reproducible_with_a_generator():
     again = sample(model, enc, n=5, generator=torch.Generator().manual_seed(7)).tokens
     other = sample(model, enc, n=5, generator=torch.Generator().manual_seed(8)).tokens
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+# ------------------------------------------------------------------ no host read per token
+def all_decodes(model, enc, generator_seed=0):
+    gen = torch.Generator().manual_seed(generator_seed)
+    out = sample(model, enc, n=3, generator=gen)
+    beams = beam_search(model, enc, beam_size=3, length_norm=1.0)
+    return [greedy(model, enc).tokens, out.tokens, out.log_probs, out.mask, beams.beams]
+
+
+@pytest.mark.parametrize("kind", ["transformer", "updown"])
+@pytest.mark.parametrize("every", [3, 4, 50])
+def test_reading_the_stop_condition_every_few_steps_changes_nothing(kind, every, monkeypatch):
+    """What an accelerator runs (a host read every few steps, extra steps cut off) gives the
+    outputs of reading it every step, shapes included; also with X-modaler's EOS = PAD."""
+    model, enc = encoded(kind)
+    markov_model, markov_enc = markov(random_table(), max_len=6)
+    markov_model.eos_id = markov_model.pad_id = markov_model.bos_id = 0  # X-modaler's vocabulary
+    with torch.no_grad():
+        expected = [*all_decodes(model, enc), *all_decodes(markov_model, markov_enc)]
+        monkeypatch.setattr(decoding, "stop_check_every", lambda device: every)
+        got = [*all_decodes(model, enc), *all_decodes(markov_model, markov_enc)]
+    for a, b in zip(expected, got, strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+class ConcatCacheStepper:
+    """The previous Transformer step: keys/values grown by concatenation (the reference)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def init_state(self, enc):
+        empty = enc.cache[0].new_zeros(enc.rows, self.model.num_heads, 0, self.model.head_dim)
+        return (empty,) * (2 * len(self.model.decoder_layers))
+
+    def decode_step(self, enc, state, tokens):
+        model, cache = self.model, []
+        x = model.token_embed(tokens[:, None], start=state[0].shape[2])
+        for i, layer in enumerate(model.decoder_layers):
+            attn = layer.self_attn
+            q, k, v = (split_heads(t, attn.heads) for t in attn.qkv(x).chunk(3, dim=-1))
+            k, v = torch.cat([state[2 * i], k], dim=2), torch.cat([state[2 * i + 1], v], dim=2)
+            p = attn.dropout if attn.training else 0.0
+            out = attn.out(merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=p)))
+            x = layer._rest(out, x, model._memory_kv(enc, i), enc.mask, enc.group)
+            cache += [k, v]
+        logits = model.predictor(model.pred_dropout(x[:, 0]))
+        return logits.float().log_softmax(-1), tuple(cache)
+
+    def reorder_state(self, state, index):
+        return tuple(t.index_select(0, index) for t in state)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_preallocated_cache_equals_the_concatenating_one_samples_and_dropout_included(
+    training, monkeypatch
+):
+    """Train-mode sampling (SCST) draws the same dropout masks and tokens for a fixed seed."""
+    model, enc = encoded("transformer", seed=3)
+    model.train(training)
+    results = []
+    for stepper in (model, ConcatCacheStepper(model)):
+        monkeypatch.setattr(decoding, "_stepper", lambda m, use_cache, s=stepper: s)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            out = sample(model, enc, n=4, generator=torch.Generator().manual_seed(5))
+            beams = beam_search(model, enc, beam_size=3).beams
+        results.append((out.tokens, out.log_probs, beams))
+    (tokens, log_probs, beams), (ref_tokens, ref_log_probs, ref_beams) = results
+    assert torch.equal(tokens, ref_tokens) and torch.equal(beams, ref_beams)
+    torch.testing.assert_close(log_probs, ref_log_probs, rtol=0, atol=1e-6)
+
+
+def test_the_preallocated_cache_an_accelerator_uses_gives_the_same_decodes(monkeypatch):
+    """The preallocated cache and masked attention over all of it (what a GPU runs, with no
+    host value per step) decode as the growing cache the CPU uses does."""
+    model, enc = encoded("transformer", seed=4)
+    with torch.no_grad():
+        expected = all_decodes(model, enc)
+        monkeypatch.setattr(transformer, "preallocates_cache", lambda device: True)
+        got = all_decodes(model, enc)
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # tokens: exactly
+
+
+def test_the_decoding_step_compiles_as_one_graph_per_batch_shape(monkeypatch):
+    """Static shapes and no host value: torch.compile(fullgraph=True) traces the step once per
+    number of rows, not once per token (what CUDA-graph capture needs)."""
+    model, enc = encoded("transformer", seed=5)
+    with torch.no_grad():
+        expected = [greedy(model, enc).tokens, beam_search(model, enc, beam_size=3).beams]
+    monkeypatch.setattr(transformer, "preallocates_cache", lambda device: True)
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(
+        model, "decode_step", torch.compile(model.decode_step, backend="eager", fullgraph=True)
+    )
+    with torch.no_grad():
+        got = [greedy(model, enc).tokens, beam_search(model, enc, beam_size=3).beams]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert counters["stats"]["unique_graphs"] == 2  # 3 rows (greedy) and 9 (beams)
+    torch._dynamo.reset()

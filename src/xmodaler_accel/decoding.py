@@ -8,12 +8,19 @@ the reference the cached path is tested against. Sequences hold the generated to
 end with EOS unless they hit `max_len`, and are PAD after EOS; PAD and BOS are never generated
 (unless one is EOS: X-modaler's vocabulary has BOS = EOS = PAD = 0).
 Output length T is the number of steps taken: `max_len`, or fewer when every row has ended.
+
+A decoding step reads nothing back to the host: rows that ended are masked, and whether all
+have ended is read every `stop_check_every(device)` steps (each step on the CPU, where a read
+is free; every few on an accelerator, where it would stall the queue of kernels). Steps run
+after the last row ended change nothing and are cut off at the end, with one read.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,7 +54,7 @@ class PrefixRecompute:
     def __init__(self, model: CaptionModel) -> None:
         self.model = model
 
-    def init_state(self, enc: EncoderOutput) -> DecoderState:
+    def init_state(self, enc: EncoderOutput, max_len: int | None = None) -> DecoderState:
         return (torch.empty(enc.rows, 0, dtype=torch.long, device=enc.memory.device),)
 
     def decode_step(
@@ -63,6 +70,26 @@ class PrefixRecompute:
 
 def _stepper(model: CaptionModel, use_cache: bool) -> CaptionModel | PrefixRecompute:
     return model if use_cache else PrefixRecompute(model)
+
+
+def _init_state(stepper: Any, enc: EncoderOutput, max_len: int) -> DecoderState:
+    """The stepper's empty state with room for `max_len` steps (a model written to the older
+    contract, `init_state(enc)`, preallocates nothing and gets no `max_len`)."""
+    if "max_len" in inspect.signature(stepper.init_state).parameters:
+        return stepper.init_state(enc, max_len=max_len)
+    return stepper.init_state(enc)
+
+
+# Steps between reads of "have all rows ended?" on an accelerator (see the module docstring).
+STOP_CHECK_EVERY = 4
+
+
+def stop_check_every(device: torch.device) -> int:
+    return 1 if device.type == "cpu" else STOP_CHECK_EVERY
+
+
+def _should_stop(step: int, every: int, finished: Tensor) -> bool:
+    return (step + 1) % every == 0 and bool(finished.all())
 
 
 def _banned(model: CaptionModel, device: torch.device) -> Tensor:
@@ -85,19 +112,21 @@ def _generate(
     stepper = _stepper(model, use_cache)
     device = enc.memory.device
     tokens = torch.full((enc.rows,), model.bos_id, dtype=torch.long, device=device)
-    state, banned = stepper.init_state(enc), _banned(model, device)
+    state, banned = _init_state(stepper, enc, max_len), _banned(model, device)
     finished = torch.zeros(enc.rows, dtype=torch.bool, device=device)
+    every = stop_check_every(device)
     steps: list[tuple[Tensor, Tensor, Tensor]] = []
-    for _ in range(max_len):
+    for step in range(max_len):
         log_probs, state = stepper.decode_step(enc, state, tokens)
         tokens = pick(log_probs.detach() + banned).masked_fill(finished, model.pad_id)
         token_lp = log_probs.gather(1, tokens[:, None]).squeeze(1).masked_fill(finished, 0.0)
         steps.append((tokens, token_lp, ~finished))
         finished = finished | (tokens == model.eos_id)
-        if bool(finished.all()):
+        if _should_stop(step, every, finished):
             break
     tokens, log_probs, mask = (torch.stack(parts, dim=1) for parts in zip(*steps))
-    return Generated(tokens, log_probs, mask)
+    taken = int(mask.any(0).sum())  # steps with a row still going: the rest changed nothing
+    return Generated(tokens[:, :taken], log_probs[:, :taken], mask[:, :taken])
 
 
 def greedy(
@@ -168,9 +197,9 @@ def beam_search(
     Run it under `torch.no_grad()`; for differentiable log-probs of beams use `score_tokens`.
     """
     stepper, k, vocab = _stepper(model, use_cache), beam_size, model.vocab_size
-    batch, device = enc.rows, enc.memory.device
+    batch, device, max_len = enc.rows, enc.memory.device, max_len or model.max_len
     enc_k = enc.expand(k)
-    state, banned = stepper.init_state(enc_k), _banned(model, device)
+    state, banned = _init_state(stepper, enc_k, max_len), _banned(model, device)
     pad_only = torch.full((vocab,), float("-inf"), device=device)
     pad_only[model.pad_id] = 0.0
     scores = torch.full((batch, k), float("-inf"), device=device)
@@ -180,23 +209,34 @@ def beam_search(
     token_lp = torch.empty(batch, k, 0, device=device)
     finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
     offsets = torch.arange(batch, device=device)[:, None] * k
-    for _ in range(max_len or model.max_len):
+    every, taken = stop_check_every(device), torch.zeros((), dtype=torch.long, device=device)
+    for step in range(max_len):
+        if every > 1:  # steps may run after every beam ended: count those that did not
+            all_done = finished.all()
+            taken += ~all_done
         log_probs, state = stepper.decode_step(enc_k, state, tokens)
         log_probs = torch.where(
             finished[..., None], pad_only, log_probs.view(batch, k, vocab) + banned
         )
         candidates = (scores[..., None] + log_probs).view(batch, k * vocab)
-        scores, flat = candidates.topk(k, dim=1)
+        new_scores, flat = candidates.topk(k, dim=1)
         beam, words = flat // vocab, flat % vocab
         step_lp = log_probs.view(batch, k * vocab).gather(1, flat)
+        if every > 1:  # a step after every beam ended must change nothing (top-k swaps ties)
+            beam = torch.where(all_done, torch.arange(k, device=device), beam)
+            words = words.masked_fill(all_done, model.pad_id)
+            step_lp = step_lp.masked_fill(all_done, 0.0)
+            new_scores = torch.where(all_done, scores, new_scores)
+        scores = new_scores
         seqs = torch.cat([_gather_beams(seqs, beam), words[..., None]], dim=2)
         token_lp = torch.cat([_gather_beams(token_lp, beam), step_lp[..., None]], dim=2)
         finished = finished.gather(1, beam) | (words == model.eos_id)
         state = stepper.reorder_state(state, (offsets + beam).view(-1))
         tokens = words.view(-1)
-        if bool(finished.all()):
+        if _should_stop(step, every, finished):
             break
-    return _rank(seqs, scores, token_lp, model.pad_id, length_norm)
+    steps = int(taken) if every > 1 else seqs.shape[-1]
+    return _rank(seqs[..., :steps], scores, token_lp[..., :steps], model.pad_id, length_norm)
 
 
 def _rank(

@@ -50,10 +50,12 @@ def pad_regions(
 
 
 def pad_ids(
-    sequences: Sequence[np.ndarray], *, pad_id: int = 0
+    sequences: Sequence[np.ndarray], *, pad_id: int = 0, multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [B, T] int64 padded with `pad_id`, mask [B, T] bool True for real tokens)."""
+    """(ids [B, T] int64 padded with `pad_id`, mask [B, T] bool True for real tokens); T is the
+    longest sequence rounded up to a `multiple` (a few widths: a few compiled graphs)."""
     length = max((len(s) for s in sequences), default=0)
+    length = -(-length // multiple) * multiple
     ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
     mask = np.zeros((len(sequences), length), dtype=bool)
     for b, seq in enumerate(sequences):

@@ -120,8 +120,9 @@ class CaptionModel(nn.Module):
         """Like `decode`, feeding back the model's own samples with probability `ss_prob`."""
         raise NotImplementedError
 
-    def init_state(self, enc: EncoderOutput) -> DecoderState:
-        """Empty decoder state for `enc.rows` rows, before the BOS step."""
+    def init_state(self, enc: EncoderOutput, max_len: int | None = None) -> DecoderState:
+        """Empty decoder state for `enc.rows` rows, before the BOS step; room for `max_len`
+        steps (default `self.max_len`) where the state preallocates (the Transformer's cache)."""
         raise NotImplementedError
 
     def decode_step(
@@ -137,14 +138,20 @@ class CaptionModel(nn.Module):
 
 def sinusoid_positions(start: int, length: int, dim: int, device: torch.device) -> Tensor:
     """Sinusoidal encodings [length, dim] of positions start..start+length-1 (Vaswani et al.)."""
-    position = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None]
+    position = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    return sinusoid_at(position, dim)
+
+
+def sinusoid_at(positions: Tensor, dim: int) -> Tensor:
+    """Sinusoidal encodings [..., dim] of a tensor of positions (no host value: capturable)."""
+    device = positions.device
     freq = torch.exp(
         torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
     )
-    angles = position * freq
-    table = torch.zeros(length, dim, device=device)
-    table[:, 0::2] = torch.sin(angles)
-    table[:, 1::2] = torch.cos(angles[:, : dim // 2])
+    angles = positions.to(torch.float32)[..., None] * freq
+    table = torch.zeros(*positions.shape, dim, device=device)
+    table[..., 0::2] = torch.sin(angles)
+    table[..., 1::2] = torch.cos(angles[..., : dim // 2])
     return table
 
 
@@ -172,10 +179,16 @@ class TokenEmbedding(nn.Module):
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, ids: Tensor, start: int = 0) -> Tensor:
+    def forward(self, ids: Tensor, start: int | Tensor = 0) -> Tensor:
+        """ids [R, T] at positions start.. ; `start` may be a tensor [R] (one new token per row,
+        T = 1), which keeps incremental decoding free of host values."""
         x = self.embed(ids)
         if self.positional:
-            x = x + sinusoid_positions(start, ids.shape[1], x.shape[-1], x.device).to(x.dtype)
+            if isinstance(start, Tensor):  # every row is at the same position
+                table = sinusoid_at(start[:1, None], x.shape[-1])
+            else:
+                table = sinusoid_positions(start, ids.shape[1], x.shape[-1], x.device)
+            x = x + table.to(x.dtype)
         if self.activation:
             x = F.relu(x)
         return self.dropout(self.norm(x))

@@ -9,6 +9,8 @@ incremental decoding keeps a key/value cache of the self-attention.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,7 +44,7 @@ def merge_heads(x: Tensor) -> Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention that can extend a key/value cache by the new positions."""
+    """Multi-head self-attention, whole sequence (`forward`) or one cached step (`step`)."""
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -51,19 +53,25 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(
-        self,
-        x: Tensor,
-        *,
-        mask: Tensor | None = None,
-        causal: bool = False,
-        past: KeyValue | None = None,
+        self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False
     ) -> tuple[Tensor, KeyValue]:
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return self.out(merge_heads(out)), (k, v)
+
+    def step(self, x: Tensor, cache: StepCache) -> tuple[Tensor, KeyValue]:
+        """One new position x [R, 1, d] after the cached ones (see `preallocates_cache`)."""
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        p = self.dropout if self.training else 0.0
+        if cache.preallocated:
+            keys, values = cache.write(cache.keys, k), cache.write(cache.values, v)
+            mask = cache.visible()
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=p)
+        else:
+            keys, values = torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2)
+            out = F.scaled_dot_product_attention(q, keys, values, dropout_p=p)
+        return self.out(merge_heads(out)), (keys, values)
 
 
 class CrossAttention(nn.Module):
@@ -90,6 +98,40 @@ class CrossAttention(nn.Module):
             q, *memory_kv, attn_mask=mask[:, None, None, :], dropout_p=p
         )
         return self.out(merge_heads(out).reshape(rows, length, dim))
+
+
+def preallocates_cache(device: torch.device) -> bool:
+    """How incremental decoding keeps the self-attention keys and values.
+
+    On an accelerator: preallocated for `max_len` and written in place, each step attending
+    over the whole cache with a mask, so every step has the same shapes and no host value and
+    a CUDA graph can replay it. On the CPU, where kernel launches cost nothing: grown by one
+    position per step, the least work (and attention over exactly the prefix).
+    """
+    return device.type != "cpu"
+
+
+@dataclass
+class StepCache:
+    """One layer's self-attention cache as one decoding step sees it."""
+
+    keys: Tensor  # [R, heads, max_len (preallocated) or positions so far, dh]
+    values: Tensor
+    position: Tensor  # [R] int64, the position being decoded (equal in every row)
+    preallocated: bool
+
+    def visible(self) -> Tensor:
+        """[R, 1, 1, max_len] bool: the positions up to the one being written."""
+        slots = torch.arange(self.keys.shape[2], device=self.position.device)
+        return (slots <= self.position[:, None])[:, None, None]
+
+    def write(self, cache: Tensor, new: Tensor) -> Tensor:
+        """`new` [R, heads, 1, dh] at `position`: in place, unless autograd records the pass
+        (an in-place write would change tensors saved for backward by earlier steps)."""
+        index = self.position[:1]
+        if new.requires_grad:
+            return cache.index_copy(2, index, new)
+        return cache.index_copy_(2, index, new)
 
 
 class FeedForward(nn.Sequential):
@@ -127,19 +169,23 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, eps=eps) for _ in range(3))
         self.drop = nn.Dropout(dropout)
 
-    def forward(
-        self,
-        x: Tensor,
-        memory_kv: KeyValue,
-        memory_mask: Tensor,
-        group: int,
-        past: KeyValue | None = None,
+    def forward(self, x: Tensor, memory_kv: KeyValue, memory_mask: Tensor, group: int) -> Tensor:
+        """Teacher-forced: the whole prefix, causal."""
+        return self._rest(self.self_attn(x, causal=True)[0], x, memory_kv, memory_mask, group)
+
+    def step(
+        self, x: Tensor, memory_kv: KeyValue, memory_mask: Tensor, group: int, cache: StepCache
     ) -> tuple[Tensor, KeyValue]:
-        """Whole prefix when `past` is None (causal); else the new position after the cache."""
-        attn, kv = self.self_attn(x, causal=past is None, past=past)
+        """One new position [R, 1, d] after the cached ones."""
+        attn, kv = self.self_attn.step(x, cache)
+        return self._rest(attn, x, memory_kv, memory_mask, group), kv
+
+    def _rest(
+        self, attn: Tensor, x: Tensor, memory_kv: KeyValue, memory_mask: Tensor, group: int
+    ) -> Tensor:
         x = self.norm1(x + self.drop(attn))
         x = self.norm2(x + self.drop(self.cross_attn(x, memory_kv, memory_mask, group)))
-        return self.norm3(x + self.drop(self.ffn(x))), kv
+        return self.norm3(x + self.drop(self.ffn(x)))
 
 
 class TransformerCaptioner(CaptionModel):
@@ -214,7 +260,7 @@ class TransformerCaptioner(CaptionModel):
         """Teacher-forced logits [rows, T, V] in one causal pass over the whole caption."""
         x = self.token_embed(input_ids)
         for i, layer in enumerate(self.decoder_layers):
-            x, _ = layer(x, self._memory_kv(enc, i), enc.mask, enc.group)
+            x = layer(x, self._memory_kv(enc, i), enc.mask, enc.group)
         return self.predictor(self.pred_dropout(x))
 
     def decode_scheduled(self, enc: EncoderOutput, input_ids: Tensor) -> Tensor:
@@ -223,20 +269,31 @@ class TransformerCaptioner(CaptionModel):
             predicted = sample_tokens(self.decode(enc, input_ids))
         return self.decode(enc, mix_in_predictions(input_ids, predicted, self.ss_prob, self.pad_id))
 
-    def init_state(self, enc: EncoderOutput) -> DecoderState:
-        """An empty key/value cache [rows, heads, 0, dh] per decoder layer (keys, values, ...)."""
-        empty = enc.cache[0].new_zeros(enc.rows, self.num_heads, 0, self.head_dim)  # its dtype
-        return (empty,) * (2 * len(self.decoder_layers))
+    def init_state(self, enc: EncoderOutput, max_len: int | None = None) -> DecoderState:
+        """(position [rows], then keys and values [rows, heads, L, dh] per decoder layer): L is
+        `max_len` where the cache is preallocated (`preallocates_cache`), else 0 and growing."""
+        device = enc.memory.device
+        length = (max_len or self.max_len) if preallocates_cache(device) else 0
+        position = torch.zeros(enc.rows, dtype=torch.long, device=device)
+        shape = (enc.rows, self.num_heads, length, self.head_dim)
+        caches = tuple(enc.cache[0].new_zeros(shape) for _ in range(2 * len(self.decoder_layers)))
+        return (position, *caches)
 
     def decode_step(
         self, enc: EncoderOutput, state: DecoderState, tokens: Tensor
     ) -> tuple[Tensor, DecoderState]:
-        """Log-probs for one new position, attending to the cached keys/values before it."""
-        x = self.token_embed(tokens[:, None], start=state[0].shape[2])
-        cache: list[Tensor] = []
+        """Log-probs for one new position, attending to the cached keys/values up to it."""
+        position, *caches = state
+        preallocated = preallocates_cache(position.device)
+        x = self.token_embed(tokens[:, None], start=position)
+        new_caches: list[Tensor] = []
         for i, layer in enumerate(self.decoder_layers):
-            past = (state[2 * i], state[2 * i + 1])
-            x, kv = layer(x, self._memory_kv(enc, i), enc.mask, enc.group, past=past)
-            cache.extend(kv)
+            cache = StepCache(caches[2 * i], caches[2 * i + 1], position, preallocated)
+            x, kv = layer.step(x, self._memory_kv(enc, i), enc.mask, enc.group, cache)
+            new_caches.extend(kv)
         logits = self.predictor(self.pred_dropout(x[:, 0]))
-        return logits.float().log_softmax(-1), tuple(cache)
+        return logits.float().log_softmax(-1), (position + 1, *new_caches)
+
+    def reorder_state(self, state: DecoderState, index: Tensor) -> DecoderState:
+        position, *caches = state
+        return (position, *(t.index_select(0, index) for t in caches))

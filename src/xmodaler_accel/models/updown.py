@@ -93,7 +93,7 @@ class UpDownCaptioner(CaptionModel):
             pooled=masked_mean(memory, region_mask),
         )
 
-    def init_state(self, enc: EncoderOutput) -> DecoderState:
+    def init_state(self, enc: EncoderOutput, max_len: int | None = None) -> DecoderState:
         """Zero (h, c) of the attention LSTM and of the language LSTM."""
         zeros = enc.memory.new_zeros(enc.rows, self.hidden_size)
         return (zeros, zeros, zeros, zeros)

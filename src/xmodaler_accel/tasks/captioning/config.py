@@ -64,6 +64,9 @@ CAPTION_DEFAULTS: dict[str, Any] = _merged(
             "use_global_v": False,
             "seq_per_img": 5,
             "max_seq_len": 20,
+            # XE caption width rounded up to a multiple: 8 bounds torch.compile's recompiles
+            # (and CUDA graphs) to a few widths; 1 pads to the batch's longest caption.
+            "pad_multiple": 1,
         },
     },
 )
@@ -87,7 +90,12 @@ def _unresolved(path: str | os.PathLike, overrides: Iterable[str]) -> Config:
 
 def _resolve(cfg: Config, source: str) -> Config:
     """`${key}` references resolved, types and choices checked."""
-    return resolve_config(cfg, CAPTION_DEFAULTS, CAPTION_CHOICES, source=source)
+    cfg = resolve_config(cfg, CAPTION_DEFAULTS, CAPTION_CHOICES, source=source)
+    if cfg.data.pad_multiple < 1:
+        raise ConfigError(
+            f"{source}: data.pad_multiple must be 1 or more, got {cfg.data.pad_multiple}"
+        )
+    return cfg
 
 
 def load_scst_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:

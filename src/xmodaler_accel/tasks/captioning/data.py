@@ -75,9 +75,12 @@ def collate_xe(
     use_global_v: bool = False,
     pad_id: int = 0,
     ignore_index: int = IGNORE_INDEX,
+    pad_multiple: int = 1,
 ) -> dict[str, Any]:
     """Teacher-forcing batch: `input_ids` = BOS w1..wn, `target_ids` = w1..wn EOS (padding
-    `ignore_index`), [B * seq_per_img, T], rows image-major; regions stay [B, N, D]."""
+    `ignore_index`), [B * seq_per_img, T], rows image-major; regions stay [B, N, D]. T is
+    rounded up to `pad_multiple` (`data.pad_multiple`: bounded recompiles under torch.compile;
+    the padding is masked out of the loss, and causal attention never sees it)."""
     per_image = {len(item["input_ids"]) for item in items}
     if len(per_image) != 1:
         raise ValueError(
@@ -86,8 +89,9 @@ def collate_xe(
         )
     batch = collate_images(items, max_feat_num=max_feat_num, use_global_v=use_global_v)
     sequences = [seq for item in items for seq in item["input_ids"]]
-    inputs, token_mask = pad_ids([seq[:-1] for seq in sequences], pad_id=pad_id)
-    targets, _ = pad_ids([seq[1:] for seq in sequences], pad_id=ignore_index)
+    width = {"multiple": pad_multiple}
+    inputs, token_mask = pad_ids([seq[:-1] for seq in sequences], pad_id=pad_id, **width)
+    targets, _ = pad_ids([seq[1:] for seq in sequences], pad_id=ignore_index, **width)
     batch.update(
         input_ids=inputs, target_ids=targets, token_mask=token_mask, seq_per_img=per_image.pop()
     )
