@@ -14,7 +14,7 @@ On CUDA: the COCO-size Transformer (d512 6+6, 50 regions of 2048-d, vocab 10,200
 images x 5 samples. On the CPU (`--device cpu`, the default without CUDA): d128 2+2, 8 images,
 fp32, one thread; the current decoders must be no slower there.
 
-    python benchmarks/gpu_captioning.py [--device cuda|cpu] [--repeats 5]
+    python benchmarks/gpu_captioning.py [--device cuda|cpu] [--repeats 9] [--compile MODE]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ SMALL = {
     },
 }
 SAMPLES, MAX_LEN = 5, 20
+COMPILE_MODE = ""  # --compile
 
 
 class PreviousStepper:
@@ -102,7 +103,10 @@ def build(size: dict, device: torch.device) -> torch.nn.Module:
         max_len=MAX_LEN,
         **size["model"],
     )
-    return model.to(device)
+    model = model.to(device)
+    if COMPILE_MODE:  # the current step compiled; the previous decoders call their own
+        model.decode_step = torch.compile(model.decode_step, mode=COMPILE_MODE, fullgraph=True)
+    return model
 
 
 def images(size: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -115,22 +119,37 @@ def images(size: dict, device: torch.device) -> dict[str, torch.Tensor]:
     }
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, device: torch.device, repeats: int) -> float:
     """Median seconds of `fn` after one warm-up call."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     fn()
-    sync()
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def compared(fn, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median seconds of `fn` with the previous and with the current decoders, the two taking
+    turns (a shared machine's drift then affects both alike)."""
+
+    def previous():
+        with previous_decoders():
+            fn()
+
+    before, after = [], []
+    for _ in range(repeats):
+        before.append(timed(previous, device, 1))
+        after.append(timed(fn, device, 1))
+    return statistics.median(before), statistics.median(after)
 
 
 def autocast(device: torch.device):
@@ -150,9 +169,8 @@ def beam_seconds(size, device, repeats) -> tuple[float, float, bool]:
 
     with previous_decoders():
         before_tokens = decode()
-        before = timed(decode, device, repeats)
     same = torch.equal(before_tokens, decode())
-    return before, timed(decode, device, repeats), same
+    return (*compared(decode, device, repeats), same)
 
 
 def scst_seconds(size, device, repeats) -> tuple[float, float, bool]:
@@ -189,12 +207,10 @@ def scst_seconds(size, device, repeats) -> tuple[float, float, bool]:
     with previous_decoders():
         before_draw = samples_of_a_fixed_seed()
     same = torch.equal(before_draw, samples_of_a_fixed_seed())  # before any step moves weights
-    with previous_decoders():
-        before = timed(step, device, repeats)
+    before, _ = compared(step, device, 1)  # warm both up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    after = timed(step, device, repeats)
-    return before, after, same
+    return (*compared(step, device, repeats), same)
 
 
 def xe_step_seconds(device, dtype) -> float:
@@ -220,9 +236,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     default = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--compile",
+        default="",
+        help="torch.compile mode for the current decoding step (e.g. default, reduce-overhead)",
+    )
     args = parser.parse_args()
+    global COMPILE_MODE
+    COMPILE_MODE = args.compile
     device = torch.device(args.device)
+    if COMPILE_MODE and device.type == "cpu":
+        parser.error("--compile needs an accelerator: the CPU's cache grows every step")
     size = COCO if device.type == "cuda" else SMALL
     if device.type == "cpu":
         torch.set_num_threads(1)
