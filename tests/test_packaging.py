@@ -9,7 +9,7 @@ import tomllib
 from conftest import REPO
 
 # Import name -> distribution name, where they differ.
-DISTRIBUTION = {"yaml": "pyyaml"}
+DISTRIBUTION = {"yaml": "pyyaml", "PIL": "pillow"}
 # Required without an import of their own: used through another package's API.
 USED_INDIRECTLY: set[str] = set()
 

@@ -54,12 +54,14 @@ WIDTH_PROBE_IMAGES = 5  # images read up front to infer the feature width by maj
 
 @dataclass
 class ImageEntry:
-    """One image to convert: ids, feature key and (normalised, raw) captions."""
+    """One image to convert: ids, feature key, (normalised, raw) captions and, where the
+    annotations name it, the image file (relative to the images folder)."""
 
     image_id: int
     key: str
     captions: list[str] = field(default_factory=list)
     raw_captions: list[str] = field(default_factory=list)
+    file: str = ""
 
 
 def normalise_caption(text: str, where: str) -> str:
@@ -236,6 +238,8 @@ def read_karpathy(path: str | Path, feature_key: str = "auto") -> dict[str, list
             )
         entry = ImageEntry(_karpathy_id(image, position, f"{path}: {name}"), "")
         entry.key = _karpathy_key(image, feature_key, f"{path}: {name}")
+        if image.get("filename"):
+            entry.file = str(Path(str(image.get("filepath") or "")) / str(image["filename"]))
         sentences = image.get("sentences", [])
         if not isinstance(sentences, list):
             raise DataError(f"{path}: {name} has 'sentences' {sentences!r:.40}, expected a list")
@@ -306,11 +310,13 @@ def convert_images(
     progress: bool = True,
     chunk_bytes: int = 64 * 2**20,
     meta: Mapping[str, Any] | None = None,
+    regions: RegionColumns | None = None,
 ) -> Path:
     """Shared tail of every converter: image tables, extra (VCR) tables, tokenizers, meta.
 
     `splits` maps split names to the images to write; the result is renamed into `output`
-    only when all of it is written and loads back.
+    only when all of it is written and loads back. `regions` replaces the feature files
+    (`features` is then unused): the columns of features extracted beforehand.
     """
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
@@ -318,10 +324,11 @@ def convert_images(
     if not any(splits.values()):
         raise DataError(f"no images to convert into {output}")
     with atomic_directory(output, if_exists="replace" if overwrite else "error") as tmp:
-        reader = open_features(features, feature_format, tsv_fields)
-        regions = RegionColumns(reader, feat_dim=feat_dim, keep_cls_prob=keep_cls_prob)
-        keys = (entry.key for entries in splits.values() for entry in entries)
-        regions.probe(list(itertools.islice(keys, WIDTH_PROBE_IMAGES)))
+        if regions is None:
+            reader = open_features(features, feature_format, tsv_fields)
+            regions = RegionColumns(reader, feat_dim=feat_dim, keep_cls_prob=keep_cls_prob)
+            keys = (entry.key for entries in splits.values() for entry in entries)
+            regions.probe(list(itertools.islice(keys, WIDTH_PROBE_IMAGES)))
         counts, region_counts = {}, {}
         for split, entries in splits.items():
             region_counts[split] = _write_images(
@@ -339,8 +346,8 @@ def convert_images(
             save_tokenizer(extra, tmp / name)
         info = {
             "kind": kind,
-            "features": reader.source,
-            "feature_format": type(reader).__name__,
+            "features": regions.reader.source,
+            "feature_format": type(regions.reader).__name__,
             "feat_dim": regions.feat_dim,
             "dtype": dtype,
             "cls_dim": regions.cls_dim,
