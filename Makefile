@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip
 TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: install torch-args test lint format demo bench clean
+.PHONY: install torch-args test lint format demo demo-images bench clean
 
 install:
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,10 @@ format:
 
 demo:
 	$(BIN)/python recipes/demo.py
+
+# The scenes drawn as pictures -> random-ViT features -> XE -> captions of new pictures.
+demo-images:
+	$(BIN)/python recipes/demo_images.py
 
 bench:
 	@for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

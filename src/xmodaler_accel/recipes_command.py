@@ -67,6 +67,17 @@ RECIPES = {
         ("synthetic.yaml",),
         starts=("xe.py", "scst.py"),
     ),
+    "caption_images": Recipe(
+        "caption_images.py",
+        "no training: captions image files with a trained captioner and its backbone",
+        ("synthetic.yaml",),
+    ),
+    "demo_images": Recipe(
+        "demo_images.py",
+        "XE on rendered scenes' backbone features, then captions new images (make demo-images)",
+        ("synthetic.yaml",),
+        starts=("demo.py", "xe.py", "caption_images.py"),
+    ),
 }
 
 

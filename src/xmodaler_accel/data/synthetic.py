@@ -10,6 +10,7 @@ The cache key is a hash of every parameter, so changing one rebuilds and nothing
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -123,20 +124,33 @@ def region_arrays(
     return np.split(feats, bounds), np.split(probs, bounds)
 
 
+def split_scenes(
+    split: str, config: SyntheticConfig
+) -> Iterator[tuple[Scene, list[str], list[str]]]:
+    """(scene, captions, raw captions) for every image of a split, in order: what the split's
+    rows (and `data.render`'s pictures) are made of; they do not depend on feat_dim."""
+    for scene, (captions, raw), _ in _scene_stream(split, config):
+        yield scene, captions, raw
+
+
+def _scene_stream(split: str, config: SyntheticConfig) -> Iterator[tuple[Scene, Any, Any]]:
+    """(scene, (captions, raw), VCR item) from the split's scene generator."""
+    scene_rng = np.random.default_rng([config.seed, SPLITS.index(split), 0])
+    for _ in range(config.size(split)):
+        scene = sample_scene(scene_rng, config.max_background)
+        caps = captions_for(scene, scene_rng, config.captions_per_image)
+        yield scene, caps, vcr_item(scene, scene_rng)
+
+
 def _split_rows(
     split: str, config: SyntheticConfig, vectors: AttributeVectors
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """(image row, VCR row) for every image of a split; captions do not depend on feat_dim."""
-    split_index = SPLITS.index(split)
-    scene_rng = np.random.default_rng([config.seed, split_index, 0])
-    feat_rng = np.random.default_rng([config.seed, split_index, 1])
+    feat_rng = np.random.default_rng([config.seed, SPLITS.index(split), 1])
+    scenes = _scene_stream(split, config)
     total = config.size(split)
     for start in range(0, total, _BATCH):
-        batch = []
-        for _ in range(min(_BATCH, total - start)):
-            scene = sample_scene(scene_rng, config.max_background)
-            caps = captions_for(scene, scene_rng, config.captions_per_image)
-            batch.append((scene, caps, vcr_item(scene, scene_rng)))
+        batch = list(itertools.islice(scenes, min(_BATCH, total - start)))
         feats, probs = region_arrays([b[0] for b in batch], vectors, feat_rng, config.noise)
         for k, ((scene, (captions, raw), item), feat, prob) in enumerate(zip(batch, feats, probs)):
             index = start + k
