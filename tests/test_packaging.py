@@ -22,7 +22,8 @@ def imported_packages() -> set[str]:
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    third_party = names - set(sys.stdlib_module_names) - {"xmodaler_accel"}
+    siblings = {path.stem for path in (REPO / "recipes").glob("*.py")}  # recipes import recipes
+    third_party = names - set(sys.stdlib_module_names) - {"xmodaler_accel"} - siblings
     return {DISTRIBUTION.get(name, name) for name in third_party}
 
 
