@@ -17,7 +17,7 @@ import torch
 from datasets import load_from_disk
 from PIL import Image, ImageOps
 
-from conftest import BIN, subprocess_env
+from conftest import BIN, REPO, subprocess_env
 from xmodaler_accel.data.backbone import (
     BackboneFeatures,
     BadImageError,
@@ -271,3 +271,20 @@ def test_images_help_says_which_files_and_keys_it_needs(capsys):
     needs = ["filepath", "filename", "SPLIT=FILE", "--backbone", "--skip-bad", "EXIF"]
     for word in [*needs, "example:", "convert images --", "--float16", "torchrun"]:
         assert word in text, word
+
+
+def test_a_max_feat_num_that_would_cut_the_patch_grid_is_refused(reference):
+    """data.max_feat_num below the grid would keep its first rows only: an error naming both."""
+    from xmodaler_accel.config import ConfigError
+    from xmodaler_accel.data import open_dataset
+    from xmodaler_accel.tasks.captioning import load_caption_config
+
+    config = REPO / "recipes/synthetic.yaml"
+    for limit in (0, 16):  # all regions, or exactly the 4x4 grid
+        cfg = load_caption_config(
+            config, [f"data.source={reference}", f"data.max_feat_num={limit}"]
+        )
+        assert len(open_dataset(cfg)["train"]) > 0
+    cfg = load_caption_config(config, [f"data.source={reference}", "data.max_feat_num=4"])
+    with pytest.raises(ConfigError, match=r"max_feat_num is 4 .* have 16 patch regions each"):
+        open_dataset(cfg)
