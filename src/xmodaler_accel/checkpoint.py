@@ -40,6 +40,7 @@ from . import sharding
 from .config import Config
 from .errors import UserError
 from .port.weights import from_xmodaler, looks_like_xmodaler
+from .writers import wandb_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -179,10 +180,8 @@ def _write_main_files(
 
 def _tracker_ids(accelerator: Any) -> dict[str, str]:
     """The W&B run id, so that a resumed run logs into the same W&B run."""
-    for tracker in getattr(accelerator, "trackers", []):
-        if tracker.name == "wandb":
-            return {"wandb_run_id": tracker.run.id}
-    return {}
+    tracker = wandb_tracker(accelerator)
+    return {} if tracker is None else {"wandb_run_id": tracker.run.id}
 
 
 def _manifest(directory: Path) -> dict[str, Any]:

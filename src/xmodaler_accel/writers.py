@@ -154,6 +154,11 @@ class WandBWriter(WandBTracker):
         self.run.config.update(parameter_counts(model), allow_val_change=True)
 
 
+def wandb_tracker(accelerator: Any) -> Any | None:
+    """The W&B tracker when W&B is logging, else None (the same answer on every process)."""
+    return next((t for t in getattr(accelerator, "trackers", []) if t.name == "wandb"), None)
+
+
 def _under(prefix: str, key: str) -> str:
     return key if key.startswith(("train/", "eval/")) else f"{prefix}/{key}"
 

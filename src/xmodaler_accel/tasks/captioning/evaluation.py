@@ -24,6 +24,7 @@ from ...metrics import score_captions
 from ...metrics.caption import check_metrics
 from ...metrics.meteor import MeteorUnavailable
 from ...progress import progress_bar
+from ...writers import wandb_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +131,14 @@ class CaptionEvaluator:
 
     def log_samples(self, predictions: dict[int, str], step: int, count: int = 16) -> None:
         """A W&B table of sample captions with their references, when W&B is logging."""
-        trackers = {t.name: t for t in self.accelerator.trackers}
-        if "wandb" not in trackers:
+        tracker = wandb_tracker(self.accelerator)
+        if tracker is None:
             return
         rows = [
             [image_id, caption, " | ".join(self.references[image_id])]
             for image_id, caption in list(predictions.items())[:count]
         ]
-        trackers["wandb"].log_table(
+        tracker.log_table(
             f"{self.split}/samples",
             columns=["image_id", "caption", "references"],
             data=rows,

@@ -25,7 +25,8 @@ from ...data import ImageDataset, collate_images, pad_ids
 from ...metrics.retrieval import DEFAULT_KS, RetrievalRanks
 from ...models.retrieval import TwoStreamRetrieval
 from ...progress import progress_bar
-from .samples import TopCaptions, log_samples, wandb_tracker
+from ...writers import wandb_tracker
+from .samples import TopCaptions, log_samples
 from .steps import clip_inputs
 
 logger = logging.getLogger(__name__)

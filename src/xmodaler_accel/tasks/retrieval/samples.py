@@ -10,15 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...writers import wandb_tracker
+
 if TYPE_CHECKING:
     from .evaluation import RetrievalSplit
 
 SAMPLE_COLUMNS = ["image_id", "rank", "caption", "score", "ground_truth", "references"]
-
-
-def wandb_tracker(accelerator: Any) -> Any | None:
-    """The W&B tracker, when W&B is logging (the same answer on every process)."""
-    return next((t for t in accelerator.trackers if t.name == "wandb"), None)
 
 
 class TopCaptions:

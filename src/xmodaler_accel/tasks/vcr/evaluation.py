@@ -23,6 +23,7 @@ from ...evaluation import gather_predictions
 from ...metrics.vcr import vcr_accuracy
 from ...models.vcr import MODEL_INPUTS
 from ...progress import progress_bar
+from ...writers import wandb_tracker
 from .data import VCRTaskDataset
 
 
@@ -153,7 +154,7 @@ def log_samples(
     accelerator: Any, split: VCRSplit, answers: list[int], rationales: list[int], step: int | None
 ) -> None:
     """Log `<split>/samples` to W&B from the main process (predictions are already gathered)."""
-    tracker = next((t for t in accelerator.trackers if t.name == "wandb"), None)
+    tracker = wandb_tracker(accelerator)
     if tracker is None or not accelerator.is_main_process:
         return
     tracker.log_table(
